@@ -1,0 +1,1 @@
+"""Hydra configs of fusion-bench-statsmerging (shipped as fusion_bench_statsmerging.config)."""
