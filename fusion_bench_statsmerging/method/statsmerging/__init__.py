@@ -1,0 +1,3 @@
+from .clip_statsmerging import CLIPStatsMergingAlgorithm
+
+__all__ = ["CLIPStatsMergingAlgorithm"]

@@ -1,0 +1,339 @@
+"""Shared machinery of the coefficient-distillation methods (StatsMerging, SAMerging) on CLIP pools.
+
+A method supplies a *coefficient module*: an ``nn.Module`` whose ``forward()`` returns the
+(K, L) merging coefficients and whose parameters are the only thing optimised (the
+StatsMergeLearner for StatsMerging, free coefficients for SAMerging). This class does the
+rest, identically for both: checks the pool and the config before any long work, caches
+the teachers' outputs on the chosen unlabeled images, runs the training loop through the
+merged model (one forward/backward over all tasks' batches, since they share the merged
+weights), logs, and writes the artefacts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from fusion_bench import BaseAlgorithm, auto_register_config
+from fusion_bench.mixins import CLIPClassificationMixin, SimpleProfilerMixin
+
+from .. import artifacts
+from ..distillation import (
+    LOSSES, agreement, distillation_loss, get_protocol, load_labels, load_pixels,
+    num_fit_samples, sample_indices, teacher_logits,
+)
+from ..merge import HostLayerWiseEngine
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("fused", "host")
+OPTIMIZERS = ("adam", "sam")
+
+
+class PoolError(ValueError):
+    """A model pool this method cannot merge, with what to change."""
+
+
+def build_engine(name: str, pretrained: nn.Module, experts: List[nn.Module], **kwargs) -> nn.Module:
+    """The reference engine wraps the host's LayerWiseMergedModel; ``fused`` is the fast one."""
+    if name == "host":
+        kwargs.pop("task_vector_dtype", None)
+        return HostLayerWiseEngine(pretrained, experts, **kwargs)
+    if name == "fused":
+        from ..fused import FusedLayerWiseEngine
+
+        return FusedLayerWiseEngine(pretrained, experts, **kwargs)
+    raise ValueError(f"Unknown merge_engine '{name}'; choose one of {list(ENGINES)}.")
+
+
+@auto_register_config
+class CLIPCoefficientDistillation(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgorithm):
+    """Base class; subclasses implement :meth:`build_coefficient_module` and may override the step."""
+
+    method_label = "coefficient distillation"
+
+    def __init__(
+        self,
+        protocol: str = "train_unlabeled",
+        loss: str = "hard",
+        temperature: float = 1.0,
+        data_fraction: float = 0.01,
+        min_samples_per_task: Optional[int] = None,
+        max_samples_per_task: Optional[int] = None,
+        batch_size: int = 16,
+        max_steps: int = 500,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        lr_step_size: Optional[int] = 100,
+        lr_gamma: float = 0.1,
+        optimizer: str = "adam",
+        sam_rho: float = 0.05,
+        sam_adaptive: bool = False,
+        merge_engine: str = "fused",
+        task_vector_dtype: Optional[str] = None,
+        tie_weights: bool = True,
+        strict: bool = False,
+        seed: int = 0,
+        log_every: int = 10,
+        artifact_dir: Optional[str] = None,
+        save_merged_model: bool = False,
+        **kwargs,
+    ):
+        # Validate everything a typo could break now, before any model is loaded.
+        self._protocol = get_protocol(protocol)
+        if loss not in LOSSES:
+            raise ValueError(f"Unknown loss '{loss}'; choose one of {list(LOSSES)}.")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"Unknown optimizer '{optimizer}'; choose one of {list(OPTIMIZERS)}.")
+        if merge_engine not in ENGINES:
+            raise ValueError(f"Unknown merge_engine '{merge_engine}'; choose one of {list(ENGINES)}.")
+        if task_vector_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"task_vector_dtype must be null, float32, bfloat16 or float16, got '{task_vector_dtype}'.")
+        for key, value in {"batch_size": batch_size, "max_steps": max_steps}.items():
+            if int(value) < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}.")
+        if not 0 < data_fraction <= 1:
+            raise ValueError(f"data_fraction must be in (0, 1], got {data_fraction}.")
+        if temperature <= 0 or lr <= 0:
+            raise ValueError(f"temperature and lr must be positive, got {temperature} and {lr}.")
+        super().__init__(**kwargs)
+
+    # ------------------------------------------------------------------ hooks
+    def build_coefficient_module(self, engine: nn.Module, model_names: List[str]) -> nn.Module:
+        raise NotImplementedError
+
+    def extra_artifacts(self, coefficient_module: nn.Module, out_dir: str) -> Dict[str, str]:
+        """Method-specific files (e.g. the trained learner); returns name -> path."""
+        return {}
+
+    # ------------------------------------------------------------------ checks
+    def check_pool(self, modelpool) -> Dict[str, object]:
+        """Everything that can be wrong with the pool, found before loading any model.
+
+        Returns the fitting dataset of each task (already loaded, reused later).
+        """
+        names = list(modelpool.model_names)
+        if not modelpool.has_pretrained:
+            raise PoolError(
+                "The model pool has no `_pretrained_` model. Task vectors are fine-tuned minus "
+                "pretrained weights, so add `_pretrained_: <CLIP model>` under `models:`."
+            )
+        if len(names) < 2:
+            raise PoolError(
+                f"The model pool has {len(names)} expert(s) ({names}); merging needs at least two. "
+                "To evaluate a single model, use the host's `method=dummy`."
+            )
+        split = self._protocol.split
+        loader = {"train": modelpool.load_train_dataset, "validation": modelpool.load_val_dataset,
+                  "test": modelpool.load_test_dataset}[split]
+        available = {"train": modelpool.train_dataset_names, "validation": modelpool.val_dataset_names,
+                     "test": modelpool.test_dataset_names}[split]
+        missing = [n for n in names if n not in available]
+        if missing:
+            key = {"train": "train_datasets", "validation": "val_datasets", "test": "test_datasets"}[split]
+            raise PoolError(
+                f"Protocol '{self._protocol.name}' fits on the {split} split, but the model pool's "
+                f"`{key}` has no entry for {missing}. Add them, or choose another `protocol`."
+            )
+        datasets = {}
+        for name in names:
+            ds = loader(name)
+            if len(ds) == 0:
+                raise PoolError(f"The {split} dataset of task '{name}' is empty.")
+            if len(ds) < self.batch_size:
+                raise PoolError(
+                    f"The {split} dataset of task '{name}' has {len(ds)} samples, fewer than one "
+                    f"batch (batch_size={self.batch_size}). Lower `batch_size` or add data."
+                )
+            datasets[name] = ds
+        return datasets
+
+    # ------------------------------------------------------------------ data
+    def prepare_fit_data(self, datasets: Dict[str, object], experts: Dict[str, nn.Module]):
+        """Pick each task's unlabeled images, preprocess them, and cache the teacher's outputs."""
+        device = self.fabric.device
+        min_samples = self.min_samples_per_task or self.batch_size
+        pixels, targets, info = {}, {}, {}
+        for t_idx, (task, ds) in enumerate(tqdm(datasets.items(), "Teacher targets")):
+            n = num_fit_samples(len(ds), self.data_fraction, min_samples, self.max_samples_per_task)
+            idx = sample_indices(len(ds), n, self.seed + t_idx)
+            pixels[task] = load_pixels(ds, idx, self.clip_processor)
+            if self._protocol.ground_truth:
+                targets[task] = load_labels(ds, idx)
+            else:
+                teacher = experts[task].to(device).eval()
+                targets[task] = teacher_logits(
+                    lambda px, m=teacher, t=task: self.compute_logits(m, px, t),
+                    pixels[task], 64, device)
+                teacher.cpu()
+            info[task] = {"split": self._protocol.split, "num_samples": n, "dataset_size": len(ds)}
+        return pixels, targets, info
+
+    def _batches(self, pixels: Dict[str, Tensor], targets: Dict[str, Tensor]):
+        """Endless per-task shuffled batches, reproducible from the seed."""
+        gen = torch.Generator().manual_seed(self.seed)
+        order = {t: torch.randperm(len(p), generator=gen) for t, p in pixels.items()}
+        pos = {t: 0 for t in pixels}
+        while True:
+            batch = {}
+            for t in pixels:
+                if pos[t] + self.batch_size > len(order[t]):
+                    order[t], pos[t] = torch.randperm(len(pixels[t]), generator=gen), 0
+                i = order[t][pos[t] : pos[t] + self.batch_size]
+                pos[t] += self.batch_size
+                batch[t] = (pixels[t][i], targets[t][i])
+            yield batch
+
+    # ------------------------------------------------------------------ training
+    def task_losses(self, engine: nn.Module, batch: Dict[str, tuple]) -> Dict[str, Tensor]:
+        """One forward over all tasks' images (they share the merged weights), one loss per task."""
+        device = self.fabric.device
+        images = torch.cat([b[0] for b in batch.values()]).to(device=device, dtype=torch.float32)
+        embeds = engine(pixel_values=images)[1]
+        losses, start = {}, 0
+        for task, (px, tgt) in batch.items():
+            logits = self.compute_logits(None, None, task, image_embeds=embeds[start : start + len(px)])
+            losses[task] = distillation_loss(logits, tgt.to(device), self.loss, self.temperature)
+            start += len(px)
+        return losses
+
+    def closure_loss(self, engine, coefficient_module, batch) -> tuple[Tensor, Dict[str, Tensor]]:
+        """Merge at the module's current coefficients and return the mean task loss."""
+        engine.set_coefficients(coefficient_module())
+        losses = self.task_losses(engine, batch)
+        return torch.stack(list(losses.values())).mean(), losses
+
+    def make_optimizer(self, params):
+        from ..sam import SAM
+
+        base = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.optimizer == "sam":
+            return SAM(base, rho=self.sam_rho, adaptive=self.sam_adaptive)
+        return base
+
+    def train(self, engine, coefficient_module, pixels, targets) -> List[dict]:
+        params = [p for p in coefficient_module.parameters() if p.requires_grad]
+        optimizer = self.make_optimizer(params)
+        base_opt = getattr(optimizer, "base_optimizer", optimizer)
+        scheduler = (torch.optim.lr_scheduler.StepLR(base_opt, self.lr_step_size, self.lr_gamma)
+                     if self.lr_step_size else None)
+        batches = self._batches(pixels, targets)
+        history = []
+        pbar = tqdm(range(self.max_steps), f"{self.method_label} ({self._protocol.name})", dynamic_ncols=True)
+        for step in pbar:
+            batch = next(batches)
+            if self.optimizer == "sam":
+                loss, losses = optimizer.step(lambda: self.closure_loss(engine, coefficient_module, batch))
+            else:
+                loss, losses = self.closure_loss(engine, coefficient_module, batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            if step % self.log_every == 0 or step == self.max_steps - 1:
+                with torch.no_grad():
+                    coef = coefficient_module()
+                metrics = {"train/loss": float(loss), "train/lr": base_opt.param_groups[0]["lr"],
+                           "coefficients/mean": float(coef.mean()), "coefficients/min": float(coef.min()),
+                           "coefficients/max": float(coef.max())}
+                metrics.update({f"train/loss_{t}": float(v) for t, v in losses.items()})
+                self.fabric.log_dict(metrics, step=step)
+                history.append({"step": step, **metrics})
+                pbar.set_postfix(loss=f"{float(loss):.4f}", coef=f"{float(coef.mean()):.3f}")
+        return history
+
+    # ------------------------------------------------------------------ run
+    def out_dir(self) -> str:
+        return self.artifact_dir or self.log_dir or "outputs/statsmerging"
+
+    def run(self, modelpool):
+        self.modelpool = modelpool
+        start = time.time()
+        log.info("%s: data protocol = %s (%s)", self.method_label, self._protocol.name, self._protocol.description)
+        datasets = self.check_pool(modelpool)
+        names = list(modelpool.model_names)
+        torch.manual_seed(self.seed)
+
+        with self.profile("load models"):
+            pretrained = modelpool.load_pretrained_model()
+            experts = {n: modelpool.load_model(n) for n in names}
+            for n, m in experts.items():
+                m._statsmerging_name = n
+        with self.profile("zero-shot heads"):
+            self.setup_zero_shot_classification_head(task_names=names)
+        with self.profile("teacher targets"):
+            pixels, targets, data_info = self.prepare_fit_data(datasets, experts)
+        with self.profile("task vectors"):
+            dtype = getattr(torch, self.task_vector_dtype) if self.task_vector_dtype else None
+            engine = build_engine(self.merge_engine, pretrained, [experts[n] for n in names],
+                                  tie_weights=self.tie_weights, strict=self.strict, task_vector_dtype=dtype)
+            del experts
+            engine = self.fabric.to_device(engine)
+        with self.profile("coefficient module"):
+            coefficient_module = self.fabric.to_device(self.build_coefficient_module(engine, names))
+
+        out_dir = self.out_dir()
+        try:
+            with self.profile("training"):
+                history = self.train(engine, coefficient_module, pixels, targets)
+        except BaseException:
+            # Keep what was learned so far: an interrupted run is not a lost run.
+            artifacts.save_torch(f"{out_dir}/interrupted_coefficient_module.pt", coefficient_module.state_dict())
+            log.error("Training interrupted; partial state saved under %s", out_dir)
+            raise
+
+        with torch.no_grad():
+            coefficients = coefficient_module().detach().float().cpu()
+            fit_agreement = self._fit_agreement(engine, coefficients, pixels, targets)
+        merged = engine.merge_and_unload(coefficients.to(self.fabric.device))
+        files = self.write_artifacts(out_dir, coefficients, engine.param_names, names, coefficient_module,
+                                     history, data_info, fit_agreement, time.time() - start)
+        if self.save_merged_model:
+            files["merged_model"] = str(artifacts.save_model_dir(merged, f"{out_dir}/merged_model"))
+        self.print_profile_summary()
+        return merged
+
+    @torch.no_grad()
+    def _fit_agreement(self, engine, coefficients, pixels, targets) -> Dict[str, float]:
+        """How often the merged model agrees with the fitting targets (a training-data check only)."""
+        engine.set_coefficients(coefficients.to(self.fabric.device))
+        result = {}
+        for task in pixels:
+            px = pixels[task][:256].to(self.fabric.device, torch.float32)
+            logits = self.compute_logits(engine, px, task).cpu()
+            result[task] = agreement(logits, targets[task][:256])
+        return result
+
+    def write_artifacts(self, out_dir, coefficients, param_names, names, coefficient_module, history,
+                        data_info, fit_agreement, seconds) -> Dict[str, str]:
+        files = {
+            "coefficients_pt": str(artifacts.save_torch(f"{out_dir}/coefficients.pt", coefficients)),
+            "coefficients_csv": str(artifacts.save_text(
+                f"{out_dir}/coefficients.csv", artifacts.coefficients_csv(coefficients, names, param_names))),
+            "heatmap": str(artifacts.save_heatmap(f"{out_dir}/coefficients_heatmap.png", coefficients, names,
+                                                  title=f"{self.method_label} coefficients")),
+        }
+        files.update(self.extra_artifacts(coefficient_module, out_dir))
+        report = {
+            "method": self.method_label,
+            "protocol": {"name": self._protocol.name, "description": self._protocol.description,
+                         "split": self._protocol.split, "uses_ground_truth_labels": self._protocol.ground_truth},
+            "config": {k: getattr(self, k) for k in self._config_mapping.values() if hasattr(self, k)},
+            "models": names,
+            "num_layers": len(param_names),
+            "fit_data": data_info,
+            "fit_agreement_with_targets": fit_agreement,
+            "coefficients": artifacts.coefficient_summary(coefficients, names),
+            "final_loss": history[-1]["train/loss"] if history else None,
+            "history": history,
+            "seconds": round(seconds, 2),
+            "files": files,
+        }
+        files["report"] = str(artifacts.save_json(f"{out_dir}/statsmerging_report.json", report))
+        return files
