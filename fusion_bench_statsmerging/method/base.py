@@ -27,11 +27,37 @@ from ..distillation import (
     LOSSES, agreement, distillation_loss, get_protocol, load_labels, load_pixels,
     num_fit_samples, sample_indices, teacher_logits,
 )
-from ..merge import HostLayerWiseEngine
+from ..merge import HostLayerWiseEngine, check_same_architecture, trainable_names
 
 log = logging.getLogger(__name__)
 
 ENGINES = ("fused", "host")
+
+# modelpool config name -> the task pool that evaluates it (for the hint below)
+EVALUATING_TASKPOOL = {
+    "clip-vit-base-patch32_TA8": "clip-vit-classification_TA8",
+    "clip-vit-base-patch16_TA8": "clip-vit-classification_TA8_B16",
+    "clip-vit-large-patch14_TA8": "clip-vit-classification_TA8_L14",
+    "clip-vit-base-patch32_TALL14": "clip-vit-classification_TALL14",
+    "clip-vit-base-patch32_TALL20": "clip-vit-classification_TALL20",
+    "clip_suite": "clip_suite",
+}
+
+
+def taskpool_hint(program) -> Optional[str]:
+    """One line telling the user how to evaluate, when the run composed the host's dummy task pool."""
+    taskpool = getattr(program, "_taskpool", None)
+    if taskpool is None or "DummyTaskPool" not in str(taskpool.get("_target_", "")):
+        return None
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        pool = HydraConfig.get().runtime.choices.get("modelpool", "")
+    except Exception:
+        pool = ""
+    suggestion = EVALUATING_TASKPOOL.get(str(pool).split("/")[-1], "<a task pool matching the model pool>")
+    return (f"hint: no evaluation task pool was selected (the host's dummy pool only counts parameters); "
+            f"add `taskpool={suggestion}` to evaluate the merged model.")
 OPTIMIZERS = ("adam", "sam")
 
 
@@ -239,13 +265,13 @@ class CLIPCoefficientDistillation(CLIPClassificationMixin, SimpleProfilerMixin, 
             if step % self.log_every == 0 or step == self.max_steps - 1:
                 with torch.no_grad():
                     coef = coefficient_module()
-                metrics = {"train/loss": float(loss), "train/lr": base_opt.param_groups[0]["lr"],
+                metrics = {"train/loss": float(loss.detach()), "train/lr": base_opt.param_groups[0]["lr"],
                            "coefficients/mean": float(coef.mean()), "coefficients/min": float(coef.min()),
                            "coefficients/max": float(coef.max())}
                 metrics.update({f"train/loss_{t}": float(v) for t, v in losses.items()})
                 self.fabric.log_dict(metrics, step=step)
                 history.append({"step": step, **metrics})
-                pbar.set_postfix(loss=f"{float(loss):.4f}", coef=f"{float(coef.mean()):.3f}")
+                pbar.set_postfix(loss=f"{float(loss.detach()):.4f}", coef=f"{float(coef.mean()):.3f}")
         return history
 
     # ------------------------------------------------------------------ run
@@ -256,6 +282,9 @@ class CLIPCoefficientDistillation(CLIPClassificationMixin, SimpleProfilerMixin, 
         self.modelpool = modelpool
         start = time.time()
         log.info("%s: data protocol = %s (%s)", self.method_label, self._protocol.name, self._protocol.description)
+        hint = taskpool_hint(self._program)
+        if hint:
+            print(hint)
         datasets = self.check_pool(modelpool)
         names = list(modelpool.model_names)
         torch.manual_seed(self.seed)
@@ -265,6 +294,8 @@ class CLIPCoefficientDistillation(CLIPClassificationMixin, SimpleProfilerMixin, 
             experts = {n: modelpool.load_model(n) for n in names}
             for n, m in experts.items():
                 m._statsmerging_name = n
+            # mismatched or corrupt experts fail here, before teachers run or weights are merged
+            check_same_architecture(pretrained, list(experts.values()), trainable_names(pretrained))
         with self.profile("zero-shot heads"):
             self.setup_zero_shot_classification_head(task_names=names)
         with self.profile("teacher targets"):

@@ -1,0 +1,140 @@
+"""StatsMerging trains only its learner, through the merged model, without labels by default."""
+
+import json
+
+import pytest
+import torch
+from transformers import CLIPVisionModel
+
+from conftest import make_algorithm
+from fusion_bench_statsmerging.distillation import PROTOCOLS
+from fusion_bench_statsmerging.learner import StatsMergeLearner
+from fusion_bench_statsmerging.merge import HostLayerWiseEngine
+from fusion_bench_statsmerging.method.statsmerging.clip_statsmerging import LearnerCoefficients, pool_statistics
+from fusion_bench_statsmerging.stats import FeatureNormalizer
+
+
+def _engine(suite_dir):
+    pretrained = CLIPVisionModel.from_pretrained(suite_dir / "pretrained")
+    tasks = sorted(p.name for p in (suite_dir / "experts").iterdir())
+    experts = [CLIPVisionModel.from_pretrained(suite_dir / "experts" / t) for t in tasks]
+    return HostLayerWiseEngine(pretrained, experts), tasks
+
+
+def test_learner_starts_at_init_coefficient():
+    learner = StatsMergeLearner(6, init_coefficient=0.3)
+    coef = learner(torch.randn(4, 10, 6))
+    assert coef.shape == (4, 10)
+    torch.testing.assert_close(coef, torch.full_like(coef, 0.3), atol=0.02, rtol=0)
+    soft = StatsMergeLearner(6, output="softmax")(torch.randn(4, 10, 6))
+    torch.testing.assert_close(soft.sum(0), torch.ones(10))
+
+
+def test_every_learner_parameter_gets_a_gradient_through_the_merged_model(suite_dir):
+    engine, _ = _engine(suite_dir)
+    raw = pool_statistics(engine, "layer_wise", ["mean", "variance", "norm", "singular_values"], 3)
+    learner = StatsMergeLearner(raw.shape[-1])
+    module = LearnerCoefficients(learner, FeatureNormalizer.fit(raw)(raw), len(engine.param_names), "layer_wise")
+    engine.set_coefficients(module())
+    out = engine(pixel_values=torch.randn(4, 3, 16, 16))[1]
+    out.square().sum().backward()
+    for name, p in learner.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+
+
+def test_training_changes_only_the_learner(tmp_path, suite_dir, modelpool, cpu_fabric, monkeypatch):
+    algorithm = make_algorithm(tmp_path, cpu_fabric, max_steps=4)
+    seen = {}
+    original = algorithm.make_optimizer
+
+    def spy(params):
+        seen["params"] = list(params)
+        return original(seen["params"])
+
+    monkeypatch.setattr(algorithm, "make_optimizer", spy)
+    expert_before = {t: CLIPVisionModel.from_pretrained(suite_dir / "experts" / t).state_dict()
+                     for t in modelpool.model_names}
+    merged = algorithm.run(modelpool)
+    heads_after = {t: w.clone() for t, w in algorithm.zeroshot_weights.items()}
+
+    # the optimizer held exactly the learner's parameters
+    coefficient_module_params = seen["params"]
+    learner_file = torch.load(tmp_path / "artifacts" / "learner.pt")
+    assert len(coefficient_module_params) == len(learner_file["learner_state_dict"])
+    assert all(p.requires_grad for p in coefficient_module_params)
+    # the experts on disk are untouched, the heads are frozen and unchanged by training
+    for t, before in expert_before.items():
+        now = CLIPVisionModel.from_pretrained(suite_dir / "experts" / t).state_dict()
+        assert all(torch.equal(before[k], now[k]) for k in before)
+    fresh = make_algorithm(tmp_path / "again", cpu_fabric)
+    fresh.modelpool = modelpool
+    fresh.setup_zero_shot_classification_head(task_names=modelpool.model_names)
+    for t, w in heads_after.items():
+        assert not w.requires_grad
+        torch.testing.assert_close(w, fresh.zeroshot_weights[t])
+    assert not any(p.requires_grad for p in algorithm.visual_projection.parameters())
+    assert isinstance(merged, CLIPVisionModel)
+
+
+class LabelTrap(torch.utils.data.Dataset):
+    """Rows whose label raises when read: proves the label-free protocol never looks at one."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        image = self.base[i]["image"]
+
+        class Row(dict):
+            def __getitem__(self, key):
+                if key == "label":
+                    raise AssertionError("a ground-truth label was read")
+                return super().__getitem__(key)
+
+        return Row(image=image)
+
+
+def test_default_protocol_reads_no_label(tmp_path, modelpool, cpu_fabric, monkeypatch):
+    real = modelpool.load_train_dataset
+    monkeypatch.setattr(modelpool, "load_train_dataset", lambda name: LabelTrap(real(name)))
+    monkeypatch.setattr(modelpool, "load_test_dataset", lambda name: pytest.fail("test split was read"))
+    algorithm = make_algorithm(tmp_path, cpu_fabric, max_steps=2)
+    algorithm.run(modelpool)
+    report = json.loads((tmp_path / "artifacts" / "statsmerging_report.json").read_text())
+    assert report["protocol"]["name"] == "train_unlabeled"
+    assert report["protocol"]["uses_ground_truth_labels"] is False
+    # and the trap is real: the ground-truth protocol does read labels and trips it
+    gt = make_algorithm(tmp_path / "gt", cpu_fabric, max_steps=1, protocol="train_ground_truth")
+    with pytest.raises(AssertionError, match="ground-truth label was read"):
+        gt.run(modelpool)
+
+
+def test_no_protocol_combines_labels_with_the_test_split():
+    assert all(not (p.ground_truth and p.split == "test") for p in PROTOCOLS.values())
+    assert PROTOCOLS["test_time_adaptation"].split == "test"
+
+
+def _accuracy(model, algorithm, modelpool):
+    correct = total = 0
+    for task in modelpool.model_names:
+        ds = modelpool.load_test_dataset(task)
+        px = algorithm.clip_processor(images=list(ds["image"]), return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            pred = algorithm.compute_logits(model, px, task).argmax(-1)
+        correct += int((pred == torch.tensor(ds["label"])).sum())
+        total += len(ds)
+    return correct / total
+
+
+def test_statsmerging_beats_simple_averaging(tmp_path, modelpool, cpu_fabric):
+    """Each expert carries a planted signal that averaging dilutes by 1/K; the learner recovers it."""
+    algorithm = make_algorithm(tmp_path, cpu_fabric, max_steps=60, lr_step_size=None, lr=1e-2)
+    merged = algorithm.run(modelpool)
+    engine, _ = _engine(modelpool_dir := __import__("pathlib").Path(modelpool.suite_dir))
+    average = engine.merge_and_unload(torch.full((engine.num_models, len(engine.param_names)), 1 / engine.num_models))
+    ours, avg = _accuracy(merged, algorithm, modelpool), _accuracy(average, algorithm, modelpool)
+    print(f"accuracy: StatsMerging {ours:.3f}, simple average {avg:.3f}")
+    assert ours >= avg + 0.05, (ours, avg)
