@@ -72,7 +72,7 @@ class StatsMergeLearner(nn.Module):
             width = hidden_dim
         self.head = nn.Linear(width, 1)
         self.body = nn.Sequential(*layers)
-        nn.init.normal_(self.head.weight, std=0.01)
+        nn.init.normal_(self.head.weight, std=1e-3)
         nn.init.constant_(self.head.bias, self._initial_bias(num_experts))
 
     def _initial_bias(self, num_experts: int | None) -> float:

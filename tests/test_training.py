@@ -22,6 +22,7 @@ def _engine(suite_dir):
 
 
 def test_learner_starts_at_init_coefficient():
+    torch.manual_seed(0)
     learner = StatsMergeLearner(6, init_coefficient=0.3)
     coef = learner(torch.randn(4, 10, 6))
     assert coef.shape == (4, 10)

@@ -268,7 +268,7 @@ class CLIPCoefficientDistillation(CLIPClassificationMixin, SimpleProfilerMixin, 
                 metrics = {"train/loss": float(loss.detach()), "train/lr": base_opt.param_groups[0]["lr"],
                            "coefficients/mean": float(coef.mean()), "coefficients/min": float(coef.min()),
                            "coefficients/max": float(coef.max())}
-                metrics.update({f"train/loss_{t}": float(v) for t, v in losses.items()})
+                metrics.update({f"train/loss_{t}": float(v.detach()) for t, v in losses.items()})
                 self.fabric.log_dict(metrics, step=step)
                 history.append({"step": step, **metrics})
                 pbar.set_postfix(loss=f"{float(loss.detach()):.4f}", coef=f"{float(coef.mean()):.3f}")
