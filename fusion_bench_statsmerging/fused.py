@@ -1,0 +1,533 @@
+"""Fused merging engine: the same interface as :class:`~.merge.HostLayerWiseEngine`, far less work.
+
+The host's ``LayerWiseMergedModel`` keeps K fine-tuned models as task vectors and merges with
+a Python loop of K x L multiply-adds (and autograd replays that loop, per task, on every
+backward). Here every task vector lives once in a few flat buffers, one per *group* of
+tensors with the same number of elements and dtype (for CLIP ViT-B/32: 768, 3072, 38400,
+768*768 and 768*3072 -- the fc1/fc2 matrices and the patch-embedding kernel share the last)::
+
+    tv_g:   (n_g, K, numel)   task vectors, in ``task_vector_dtype`` (default: the weights' dtype)
+    base_g: (n_g, numel)      pretrained weights (the pretrained module's parameters are views of it)
+
+and the merge of a group is one batched matmul, ``base_g + coef_g[:, None, :] @ tv_g``. The
+merged tensors handed to ``functional_call`` are views of its result, so the backward of the
+whole merge is one batched matmul per group too.
+
+Precision. With fp32 task vectors the merge is exact fp32 (``baddbmm``). With a lower
+``task_vector_dtype`` (bf16/fp16) the weighted sum runs as a matmul in that dtype (fp32
+accumulation inside the GEMM) and is added to the pretrained weights in their own dtype. The
+coefficients are passed as a hi + lo pair of the storage dtype, so they are *not* rounded to
+8 bits of mantissa; what remains is the storage rounding of the task vectors and the rounding
+of each element of the weighted sum (both relative ~2^-9 of the task-vector part, random in
+sign). The merge runs with autocast disabled, so an enclosing ``torch.autocast`` changes
+only the model's forward, not the merged weights.
+
+Statistics. :func:`grouped_task_vector_stats` computes the same (K, L, F) tensor as
+:func:`~.stats.layer_wise_statistics` batched per group on the engine's device. Only the top
+few singular values are needed, so large matrices (min side > 128) use a batched block-Krylov
+Rayleigh-Ritz on the Gram matrix with a residual bound, and fall back to the exact
+eigenvalues (:func:`~.stats.top_singular_values`'s method) for any matrix whose bound is not
+met; small ones use the exact method directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .merge import check_same_architecture, trainable_names
+from .stats import num_features, validate_features
+
+__all__ = ["FusedLayerWiseEngine", "grouped_task_vector_stats", "top_gram_eigenvalues",
+           "enable_activation_checkpointing"]
+
+DTypeLike = Union[torch.dtype, str, None]
+
+
+# --------------------------------------------------------------------------- layout
+@dataclass(frozen=True)
+class TensorGroup:
+    """Merged tensors with one flat size and dtype: they share one buffer and one matmul."""
+
+    names: Tuple[str, ...]
+    shapes: Tuple[torch.Size, ...]
+    positions: Tuple[int, ...]  # column of each tensor in the (K, L) coefficients
+    numel: int
+    dtype: torch.dtype
+
+
+def plan_groups(names: Sequence[str], params: Dict[str, Tensor]) -> List[TensorGroup]:
+    """Group tensors by (numel, dtype) in first-seen order; a group never mixes dtypes."""
+    members: Dict[Tuple[int, torch.dtype], List[int]] = {}
+    for pos, name in enumerate(names):
+        p = params[name]
+        members.setdefault((p.numel(), p.dtype), []).append(pos)
+    return [
+        TensorGroup(
+            names=tuple(names[i] for i in idx),
+            shapes=tuple(params[names[i]].shape for i in idx),
+            positions=tuple(idx),
+            numel=numel,
+            dtype=dtype,
+        )
+        for (numel, dtype), idx in members.items()
+    ]
+
+
+def resolve_dtype(dtype: DTypeLike) -> Optional[torch.dtype]:
+    """Accept ``torch.bfloat16`` or ``"bfloat16"`` (configs hold strings)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"task_vector_dtype must be a floating dtype such as 'bfloat16', got {dtype!r}.")
+    return resolved
+
+
+def _release(param: Tensor) -> None:
+    """Drop a consumed expert tensor's storage now, so peak memory stays near one model pool."""
+    param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+
+
+@contextlib.contextmanager
+def _no_autocast(device: torch.device) -> Iterator[None]:
+    """The merge's precision is ours to choose, not the caller's autocast region's."""
+    try:
+        ctx = torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # a device type without autocast support
+        ctx = contextlib.nullcontext()
+    with ctx:
+        yield
+
+
+def weighted_sum(base: Tensor, coef: Tensor, tv: Tensor) -> Tensor:
+    """``base + coef @ tv`` for a group: base (n, s), coef (n, 1, K), tv (n, K, s) -> (n, s).
+
+    Same dtype: one fused ``baddbmm``. Lower-precision task vectors: the coefficients go in as
+    hi + lo parts of the storage dtype (the lo part is detached: its exact derivative is 0),
+    so they are not rounded; the sum is added to ``base`` in ``base``'s dtype.
+    """
+    if tv.dtype == base.dtype:
+        return torch.baddbmm(base.unsqueeze(1), coef.to(base.dtype), tv).squeeze(1)
+    hi = coef.to(tv.dtype)
+    lo = (coef.detach() - hi.detach().to(coef.dtype)).to(tv.dtype)
+    parts = torch.bmm(torch.cat([hi, lo], dim=1), tv)  # (n, 2, s)
+    return base + parts[:, 0].to(base.dtype) + parts[:, 1].to(base.dtype)
+
+
+# --------------------------------------------------------------------------- engine
+class FusedLayerWiseEngine(nn.Module):
+    """Layer-wise merging with grouped task-vector buffers and batched-matmul merges.
+
+    Interface identical to :class:`~.merge.HostLayerWiseEngine`. The fine-tuned models are
+    consumed: their merged tensors are released group by group as they are copied into the
+    buffers (like the host, which turns them into task vectors in place), so do not use them
+    afterwards. The pretrained model's module structure is reused for the forward.
+    """
+
+    def __init__(self, pretrained_model: nn.Module, finetuned_models: Sequence[nn.Module],
+                 tie_weights: bool = True, strict: bool = False, task_vector_dtype: DTypeLike = None):
+        super().__init__()
+        finetuned_models = list(finetuned_models)
+        names = trainable_names(pretrained_model)
+        check_same_architecture(pretrained_model, finetuned_models, names)
+        self.param_names: List[str] = names
+        self.num_models = len(finetuned_models)
+        self.tie_weights = tie_weights
+        self.strict = strict
+        self.task_vector_dtype = resolve_dtype(task_vector_dtype)
+        params = dict(pretrained_model.named_parameters())
+        self.groups = plan_groups(names, params)
+        self.model = pretrained_model.requires_grad_(False)
+        self._coefficients: Optional[Tensor] = None
+        self._merged: Optional[Dict[str, Tensor]] = None
+        self._active: Optional[Dict[str, Tensor]] = None
+        self._linked = True
+        for i, group in enumerate(self.groups):
+            base, tv = self._build_group(group, params, finetuned_models)
+            self.register_buffer(f"base_{i}", base, persistent=False)
+            self.register_buffer(f"tv_{i}", tv, persistent=False)
+            self.register_buffer(f"pos_{i}", torch.tensor(group.positions, dtype=torch.long,
+                                                          device=base.device), persistent=False)
+        self._link_pretrained()
+
+    # ---------------------------------------------------------------- construction
+    def _build_group(self, group: TensorGroup, params: Dict[str, Tensor],
+                     finetuned: Sequence[nn.Module]) -> Tuple[Tensor, Tensor]:
+        """Copy one group's pretrained weights and task vectors into fresh flat buffers."""
+        device = params[group.names[0]].device
+        base = torch.empty(len(group.names), group.numel, dtype=group.dtype, device=device)
+        tv = torch.empty(len(group.names), self.num_models, group.numel,
+                         dtype=self.task_vector_dtype or group.dtype, device=device)
+        for j, name in enumerate(group.names):
+            base[j].copy_(params[name].detach().reshape(-1))
+        pretrained_ids = {id(p) for p in params.values()}
+        consumed: List[Tensor] = []
+        for k, model in enumerate(finetuned):
+            expert = dict(model.named_parameters())
+            for j, name in enumerate(group.names):
+                p = expert[name]
+                # Difference in the weights' dtype (like the host), then cast into storage.
+                tv[j, k].copy_(p.detach().reshape(-1).to(device=device, dtype=group.dtype) - base[j])
+                if id(p) not in pretrained_ids:
+                    consumed.append(p)
+        for p in consumed:  # after all experts: an expert passed twice is still read whole
+            _release(p)
+        return base, tv
+
+    def _link_pretrained(self) -> None:
+        """Make the pretrained module's merged parameters views of ``base``: no second copy."""
+        for i, group in enumerate(self.groups):
+            base = getattr(self, f"base_{i}")
+            for j, (name, shape) in enumerate(zip(group.names, group.shapes)):
+                self.model.get_parameter(name).data = base[j].view(shape)
+
+    def _apply(self, fn, *args, **kwargs):
+        """After ``.to()``/``.half()``, re-link the parameters (moved one by one) to the moved buffers."""
+        super()._apply(fn, *args, **kwargs)
+        if self._linked:
+            self._link_pretrained()
+        self._merged = None  # merged views point at the old tensors; re-merge lazily
+        return self
+
+    # ---------------------------------------------------------------- interface
+    def group_buffers(self) -> Iterator[Tuple[TensorGroup, Tensor, Tensor, Tensor]]:
+        """(group, base (n, s), task vectors (n, K, s), coefficient columns (n,)) per group."""
+        for i, group in enumerate(self.groups):
+            yield group, getattr(self, f"base_{i}"), getattr(self, f"tv_{i}"), getattr(self, f"pos_{i}")
+
+    @property
+    def device(self) -> torch.device:
+        return self.base_0.device if self.groups else torch.device("cpu")
+
+    def task_vector(self, k: int) -> Dict[str, Tensor]:
+        """Expert k's task vector as views of the buffers (storage dtype), in ``param_names`` order."""
+        if not 0 <= k < self.num_models:
+            raise IndexError(f"expert index {k} out of range for {self.num_models} experts")
+        views: Dict[str, Tensor] = {}
+        for group, _, tv, _ in self.group_buffers():
+            for j, (name, shape) in enumerate(zip(group.names, group.shapes)):
+                views[name] = tv[j, k].view(shape)
+        return {name: views[name] for name in self.param_names}
+
+    def pretrained_tensors(self) -> Dict[str, Tensor]:
+        """The pretrained weights as views of ``base`` (valid even after :meth:`merge_and_unload`)."""
+        views: Dict[str, Tensor] = {}
+        for group, base, _, _ in self.group_buffers():
+            for j, (name, shape) in enumerate(zip(group.names, group.shapes)):
+                views[name] = base[j].view(shape)
+        return {name: views[name] for name in self.param_names}
+
+    def merge(self, coefficients: Tensor) -> Dict[str, Tensor]:
+        """Merged tensors (name -> view of its group's result), differentiable in ``coefficients``."""
+        expected = (self.num_models, len(self.param_names))
+        if tuple(coefficients.shape) != expected:
+            raise ValueError(f"coefficients must have shape (num_models, num_tensors) = {expected}, "
+                             f"got {tuple(coefficients.shape)}.")
+        columns = coefficients.to(self.device).t()  # (L, K)
+        merged: Dict[str, Tensor] = {}
+        with _no_autocast(self.device):
+            for group, base, tv, pos in self.group_buffers():
+                coef = columns.index_select(0, pos).unsqueeze(1)  # (n, 1, K)
+                rows = weighted_sum(base, coef, tv).unbind(0)
+                for name, shape, row in zip(group.names, group.shapes, rows):
+                    merged[name] = row.view(shape)
+        return merged
+
+    def set_coefficients(self, coefficients: Tensor) -> None:
+        """Merge at ``coefficients`` (K, L), keeping the graph to whatever produced them."""
+        self._merged = self.merge(coefficients)
+        self._coefficients = coefficients
+
+    def _call_params(self) -> Dict[str, Tensor]:
+        """The tensors ``functional_call`` swaps in: merged ones, plus the rest when ``strict``."""
+        if self._merged is None:
+            if self._coefficients is not None:  # moved since the last merge
+                self._merged = self.merge(self._coefficients)
+            else:  # like the host before any merge: coefficients 0, i.e. the pretrained weights
+                self._merged = self.pretrained_tensors()
+        if not self.strict:
+            return self._merged
+        return self._with_unmerged(self._merged)
+
+    def _with_unmerged(self, merged: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """All parameters and buffers (strict mode) with merged values for the merged names.
+
+        Aliases of a merged tensor get the merged value when ``tie_weights`` (functional_call
+        rejects differing values for tied names), else they keep the pretrained one.
+        """
+        module_params = dict(self.model.named_parameters())
+        merged_by_id = {id(module_params[n]): merged[n] for n in merged}
+        full: Dict[str, Tensor] = {}
+        for name, t in [*self.model.named_parameters(remove_duplicate=False),
+                        *self.model.named_buffers(remove_duplicate=False)]:
+            if name in merged:
+                full[name] = merged[name]
+            elif self.tie_weights and id(t) in merged_by_id:
+                full[name] = merged_by_id[id(t)]
+            else:
+                full[name] = t
+        return full
+
+    def forward(self, *args, **kwargs):
+        params = self._call_params()
+        self._active = params
+        return functional_call(self.model, params, args, kwargs,
+                               tie_weights=self.tie_weights, strict=self.strict)
+
+    def recompute_context(self) -> Tuple[ContextManager, ContextManager]:
+        """``context_fn`` for non-reentrant ``torch.utils.checkpoint`` inside :meth:`forward`.
+
+        A checkpointed segment is recomputed during backward, after ``functional_call`` has
+        put the pretrained tensors back; recomputing with those fails torch's saved-tensor
+        check (or, were the pretrained tensors trainable, gives wrong gradients silently). The
+        second context re-installs the merged tensors of the forward that created the segment.
+        """
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        params = self._active if self._active is not None else self._call_params()
+        return contextlib.nullcontext(), _reparametrize_module(
+            self.model, params, tie_weights=self.tie_weights, strict=self.strict)
+
+    @torch.no_grad()
+    def merge_and_unload(self, coefficients: Tensor) -> nn.Module:
+        """The pretrained module holding the merged weights, each in its own storage.
+
+        Own storage (not views of the group buffers) so ``save_pretrained``/safetensors see
+        ordinary untied tensors; the engine stops re-linking the module to its buffers.
+        """
+        merged = self.merge(coefficients.detach())
+        self._linked = False
+        for name in self.param_names:
+            param = self.model.get_parameter(name)
+            param.data = merged[name].detach().clone(memory_format=torch.contiguous_format)
+            param.requires_grad_(False)
+        self._merged = None
+        self._coefficients = None
+        return self.model
+
+    # ---------------------------------------------------------------- statistics
+    def layer_wise_statistics(self, features: Sequence[str], rank: int) -> Tensor:
+        """Batched :func:`~.stats.layer_wise_statistics` (looked up by ``pool_statistics``)."""
+        return grouped_task_vector_stats(self, features, rank)
+
+
+def enable_activation_checkpointing(engine: FusedLayerWiseEngine) -> None:
+    """Turn on a Hugging Face model's gradient checkpointing so that it recomputes correctly.
+
+    Uses non-reentrant checkpointing with :meth:`FusedLayerWiseEngine.recompute_context`.
+    Hugging Face only checkpoints in training mode, so call ``engine.train()``.
+    """
+    enable = getattr(engine.model, "gradient_checkpointing_enable", None)
+    if enable is None:
+        raise TypeError(f"{type(engine.model).__name__} has no gradient_checkpointing_enable().")
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": engine.recompute_context})
+
+
+# --------------------------------------------------------------------------- spectra
+EXACT_MAX_DIM = 128  # Gram matrices up to this size: exact eigenvalues are cheap anyway
+KRYLOV_MAX_DIM = 160  # largest Krylov subspace before falling back to the exact eigenvalues
+KRYLOV_TOL = 1e-8  # estimated eigenvalue error, relative (sigma: half of it)
+GRAM_BATCH_BYTES = 1 << 30  # Gram matrices solved together, to bound device memory
+
+
+def exact_top_eigenvalues(gram: Tensor, rank: int) -> Tensor:
+    """Top-``rank`` eigenvalues of symmetric PSD matrices, descending, clamped at 0, zero-padded."""
+    eig = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0)[..., :rank]
+    if eig.shape[-1] < rank:
+        eig = torch.cat([eig, eig.new_zeros(*eig.shape[:-1], rank - eig.shape[-1])], dim=-1)
+    return eig
+
+
+def _whiten(w: Tensor) -> Tensor:
+    """Orthonormal columns spanning ``w``'s numerically non-null part; dropped columns are zero."""
+    gram = w.mT @ w
+    d, v = torch.linalg.eigh((gram + gram.mT) / 2)
+    keep = d > 1e-12 * d[..., -1:].clamp_min(torch.finfo(d.dtype).tiny)
+    inv = torch.where(keep, d.clamp_min(torch.finfo(d.dtype).tiny).rsqrt(), torch.zeros_like(d))
+    return w @ (v * inv.unsqueeze(-2))
+
+
+def _orthonormal_block(w: Tensor, basis: Optional[Tensor]) -> Tensor:
+    """Project ``w`` off ``basis`` and whiten, twice: orthogonality to working precision."""
+    for _ in range(2):
+        if basis is not None:
+            w = w - basis @ (basis.mT @ w)
+        w = _whiten(w)
+    return w
+
+
+def _ritz_check(basis: Tensor, images: Tensor, residual: Tensor, block: int, rank: int,
+                tol: float) -> Tuple[Tensor, Tensor]:
+    """Top Ritz values and whether each matrix's error estimate is within ``tol`` (on the CPU: tiny).
+
+    With G Q = Q T + E e_last^T (full reorthogonalisation), the Ritz pair (theta, Q s) has
+    residual norm r = ||E s_last||: an eigenvalue lies within r of theta, and within
+    r^2 / gap when the other eigenvalues are at least ``gap`` away (Kato-Temple). The gap is
+    estimated from the neighbouring Ritz values, widened by their own residuals.
+    """
+    t = (basis.mT @ images).cpu()
+    theta, vecs = torch.linalg.eigh((t + t.mT) / 2)
+    want = min(rank + 1, theta.shape[-1])
+    theta, vecs = theta.flip(-1)[:, :want].clamp_min(0), vecs.flip(-1)[:, :, :want]
+    last = vecs[:, -block:, :]  # (B, block, want)
+    f = (residual.mT @ residual).cpu()
+    res = torch.einsum("bji,bjk,bki->bi", last, f, last).clamp_min(0).sqrt()
+    dist = (theta[:, :, None] - theta[:, None, :]).abs() - res[:, None, :]
+    dist = dist + torch.diag_embed(torch.full_like(theta, float("inf")))  # ignore i == j
+    gap = dist.min(dim=-1).values.clamp_min(0)
+    err = torch.minimum(res, torch.where(gap > 0, res.square() / gap, torch.full_like(res, float("inf"))))
+    floor = 1e-13 * theta[:, :1]
+    ok = (err[:, :rank] <= tol * theta[:, :rank] + floor).all(dim=-1)
+    return theta[:, :rank], ok
+
+
+def krylov_top_eigenvalues(gram: Tensor, rank: int, max_dim: int = KRYLOV_MAX_DIM,
+                           tol: float = KRYLOV_TOL) -> Tuple[Tensor, Tensor]:
+    """Batched block-Krylov Rayleigh-Ritz for the top-``rank`` eigenvalues of PSD matrices.
+
+    Returns (values (B, rank) descending, converged (B,) bool). Matrices are scaled by their
+    trace; the start block is seeded, so results are reproducible. Converged matrices leave
+    the batch at each check, so a few slow ones do not hold the others back.
+    """
+    b, n, _ = gram.shape
+    block = min(32, max(8, 2 * rank))
+    width = max(block, min(max_dim, n) // block * block)
+    scale = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(gram.dtype).tiny)
+    g = gram / scale[:, None, None]
+    gen = torch.Generator(device=gram.device).manual_seed(0)
+    start = torch.randn(b, n, block, generator=gen, device=gram.device, dtype=gram.dtype)
+    basis = gram.new_zeros(b, n, width)  # Q, filled block by block
+    images = gram.new_zeros(b, n, width)  # G Q
+    basis[..., :block] = _orthonormal_block(start, None)
+    images[..., :block] = g @ basis[..., :block]
+    values = torch.zeros(b, rank, dtype=gram.dtype)
+    done = torch.zeros(b, dtype=torch.bool)
+    active = torch.arange(b)
+    m, check_at = block, 4 * block
+    while True:
+        q, gq = basis[..., :m], images[..., :m]
+        latest = gq[..., m - block:]
+        residual = latest - q @ (q.mT @ latest)  # E: the part of G Q_last outside span(Q)
+        last_round = m + block > width
+        if m >= check_at or last_round:
+            theta, ok = _ritz_check(q, gq, residual, block, rank, tol)
+            values[active[ok]], done[active[ok]] = theta[ok], True
+            if last_round or bool(ok.all()):
+                break
+            if bool(ok.any()):
+                keep = (~ok).nonzero().squeeze(-1)
+                active = active[keep]
+                keep = keep.to(gram.device)
+                g, basis, images, residual = (x.index_select(0, keep) for x in (g, basis, images, residual))
+                q, gq = basis[..., :m], images[..., :m]
+            check_at = m + max(2 * block, m // 2)
+        nxt = _orthonormal_block(residual, q)
+        basis[..., m:m + block] = nxt
+        images[..., m:m + block] = g @ nxt
+        m += block
+    return values.to(gram.device) * scale[:, None], done.to(gram.device)
+
+
+def _count(info: Optional[Dict[str, int]], key: str, value: int) -> None:
+    if info is not None:
+        info[key] = info.get(key, 0) + value
+
+
+def top_gram_eigenvalues(gram: Tensor, rank: int, info: Optional[Dict[str, int]] = None) -> Tensor:
+    """Top-``rank`` eigenvalues of PSD Gram matrices (B, n, n): exact for small n, else Krylov + fallback.
+
+    ``info`` (optional) counts the matrices solved ``exact`` (small), by ``krylov``, and by
+    ``fallback`` (Krylov bound not met: exact eigenvalues, the slow path).
+    """
+    n = gram.shape[-1]
+    if n <= EXACT_MAX_DIM or 4 * rank >= n:
+        _count(info, "exact", gram.shape[0])
+        return exact_top_eigenvalues(gram, rank)
+    values, ok = krylov_top_eigenvalues(gram, rank)
+    missing = (~ok).nonzero().squeeze(-1)
+    _count(info, "krylov", gram.shape[0] - missing.numel())
+    _count(info, "fallback", missing.numel())
+    if missing.numel():
+        values[missing] = exact_top_eigenvalues(gram.index_select(0, missing), rank)
+    return values
+
+
+# --------------------------------------------------------------------------- statistics
+def _matrix_dims(shape: torch.Size) -> Tuple[int, int]:
+    """(rows, cols) of :func:`~.stats.as_matrix` for a tensor of ``shape``."""
+    if len(shape) <= 1:
+        return 1, int(math.prod(shape))
+    return int(shape[0]), int(math.prod(shape[1:]))
+
+
+def _gram(tv_rows: Tensor, dims: Tuple[int, int]) -> Tensor:
+    """Gram matrices (K, s, s) on the smaller side of one tensor's K task vectors, in float64."""
+    rows, cols = dims
+    m = tv_rows.reshape(tv_rows.shape[0], rows, cols).to(torch.float64)
+    return m @ m.mT if rows <= cols else m.mT @ m
+
+
+def _scalar_features(tv: Tensor, features: Sequence[str], chunk: int) -> Dict[str, Tensor]:
+    """mean / variance / norm of each (tensor, expert) row in float32: (n, K) each."""
+    out: Dict[str, List[Tensor]] = {f: [] for f in features if f != "singular_values"}
+    for start in range(0, tv.shape[0], chunk):
+        x = tv[start:start + chunk].to(torch.float32)
+        for f in out:
+            if f == "mean":
+                out[f].append(x.mean(dim=-1))
+            elif f == "variance":
+                out[f].append(x.var(dim=-1, unbiased=False))
+            else:
+                out[f].append(x.norm(dim=-1))
+    return {f: torch.cat(v) for f, v in out.items()}
+
+
+@torch.no_grad()
+def grouped_task_vector_stats(engine: FusedLayerWiseEngine, features: Sequence[str], rank: int,
+                              info: Optional[Dict[str, int]] = None) -> Tensor:
+    """The (K, L, F) tensor of :func:`~.stats.layer_wise_statistics`, batched per group on the engine's device.
+
+    Scalar features are row reductions of each group buffer. Singular values come from Gram
+    matrices batched by size across groups (fc1 (3072, 768) and fc2 (768, 3072) share the
+    768 x 768 Gram), solved by :func:`top_gram_eigenvalues` (``info`` receives its counts).
+    """
+    features = validate_features(features)
+    device = engine.device
+    k_models, n_layers = engine.num_models, len(engine.param_names)
+    out = torch.zeros(k_models, n_layers, num_features(features, rank), dtype=torch.float32, device=device)
+    columns: Dict[str, int] = {}
+    col = 0
+    for f in features:
+        columns[f] = col
+        col += rank if f == "singular_values" else 1
+
+    # (gram size) -> list of (coefficient column, task-vector rows (K, s), matrix dims)
+    spectra: Dict[int, List[Tuple[int, Tensor, Tuple[int, int]]]] = {}
+    for group, _, tv, pos in engine.group_buffers():
+        chunk = max(1, (256 << 20) // max(1, group.numel * k_models * 4))
+        for f, values in _scalar_features(tv, features, chunk).items():
+            out[:, pos, columns[f]] = values.t()
+        if "singular_values" in features:
+            for j, (shape, p) in enumerate(zip(group.shapes, group.positions)):
+                dims = _matrix_dims(shape)
+                spectra.setdefault(min(dims), []).append((p, tv[j], dims))
+
+    if "singular_values" in features:
+        sv = slice(columns["singular_values"], columns["singular_values"] + rank)
+        for size, jobs in spectra.items():
+            per_batch = max(1, GRAM_BATCH_BYTES // (k_models * size * size * 8))
+            for start in range(0, len(jobs), per_batch):
+                part = jobs[start:start + per_batch]
+                grams = torch.cat([_gram(rows, dims) for _, rows, dims in part])  # (len(part) * K, s, s)
+                eig = top_gram_eigenvalues(grams, rank, info).sqrt().to(torch.float32)
+                eig = eig.reshape(len(part), k_models, rank)
+                cols = torch.tensor([p for p, _, _ in part], device=device)
+                out[:, cols, sv] = eig.transpose(0, 1)
+    return out
