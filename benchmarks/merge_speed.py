@@ -30,6 +30,7 @@ import gc
 import json
 import math
 import platform
+import re
 import statistics
 import sys
 import time
@@ -53,7 +54,8 @@ MODELS: Dict[str, dict] = {
     "l14": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                 patch_size=14, image_size=224, projection_dim=768),
 }
-OURS_VARIANTS = ("fp32", "bf16", "fp32-ckpt", "bf16-ckpt")
+OURS_VARIANTS = ("fp32", "bf16", "fp32-ckpt", "bf16-ckpt", "bf16-ckpt0.33")
+VARIANT = re.compile(r"^(fp32|bf16)(-ckpt(0?\.\d+|1(\.0*)?)?)?$")  # -ckptF: checkpoint a fraction F of layers
 NUM_CLASSES = 10
 LOGIT_SCALE = 100.0
 PERTURBATION = 1e-2  # task-vector rms relative to the weight's rms
@@ -194,9 +196,11 @@ def run_ours(args, variant: str, device: torch.device, images: Tensor, labels: T
     )
     from fusion_bench_statsmerging.stats import FEATURES, FeatureNormalizer, layer_wise_statistics
 
-    tv_dtype = torch.bfloat16 if variant.startswith("bf16") else None
+    match = VARIANT.match(variant)
+    tv_dtype = torch.bfloat16 if match.group(1) == "bf16" else None
+    ckpt_fraction = (float(match.group(3) or 1.0)) if match.group(2) else 0.0
     result: dict = {"engine": "ours", "variant": variant, "task_vector_dtype": str(tv_dtype or "float32"),
-                    "activation_checkpointing": variant.endswith("ckpt"),
+                    "activation_checkpointing": ckpt_fraction,
                     "autocast": "bf16" if device.type == "cuda" else "none"}
     pretrained, experts = build_models(args, device)
     reset_peak(device)
@@ -234,8 +238,8 @@ def run_ours(args, variant: str, device: torch.device, images: Tensor, labels: T
     features = FeatureNormalizer.fit(raw)(raw).float()
     mlp = CoefficientMLP(features.shape[-1]).to(device)
     engine.train()  # like the host's loop; CLIP has no dropout, and HF checkpoints only in train mode
-    if result["activation_checkpointing"]:
-        enable_activation_checkpointing(engine)
+    if ckpt_fraction:
+        result["checkpointed_layers"] = enable_activation_checkpointing(engine, ckpt_fraction)
 
     # The merge alone: forward, and forward + backward into the coefficients.
     coef = mlp(features).detach()
@@ -409,8 +413,9 @@ def parse_args(argv: Optional[List[str]] = None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rank", type=int, default=3, help="singular values per tensor in the statistics")
     parser.add_argument("--ours", default=None,
-                        help=f"comma-separated subset of {','.join(OURS_VARIANTS)} (default: all on CUDA, "
-                             "fp32,bf16 on CPU); 'none' to skip")
+                        help=f"comma-separated configurations: fp32|bf16 task vectors, optional -ckpt "
+                             f"(activation checkpointing) or -ckpt<fraction of layers> (default: "
+                             f"{','.join(OURS_VARIANTS)} on CUDA, fp32,bf16 on CPU); 'none' to skip")
     parser.add_argument("--host", default=None, choices=["fp32", "bf16", "both", "none"],
                         help="host AdaMerging precision(s) (default: both on CUDA, fp32 on CPU)")
     parser.add_argument("--perturbation", choices=["lowrank", "iid"], default="lowrank",
@@ -427,9 +432,10 @@ def parse_args(argv: Optional[List[str]] = None):
     cuda = device.type == "cuda"
     chosen = args.ours or (",".join(OURS_VARIANTS) if cuda else "fp32,bf16")
     args.ours = [] if chosen == "none" else [v.strip() for v in chosen.split(",") if v.strip()]
-    unknown = [v for v in args.ours if v not in OURS_VARIANTS]
+    unknown = [v for v in args.ours if not VARIANT.match(v)]
     if unknown:
-        parser.error(f"unknown --ours variant(s) {unknown}; choose from {list(OURS_VARIANTS)}")
+        parser.error(f"unknown --ours variant(s) {unknown}; use fp32|bf16 with an optional -ckpt or "
+                     f"-ckpt<fraction of layers>, e.g. {list(OURS_VARIANTS)}")
     host = args.host or ("both" if cuda else "fp32")
     args.host = {"both": ["fp32", "bf16"], "none": []}.get(host, [host])
     return args

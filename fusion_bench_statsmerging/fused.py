@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -106,19 +106,43 @@ def _no_autocast(device: torch.device) -> Iterator[None]:
         yield
 
 
+class _LowPrecisionWeightedSum(torch.autograd.Function):
+    """``base + coef @ tv`` with ``tv`` in a lower precision than ``base``, in few memory passes.
+
+    Forward: one GEMM of the hi and lo parts of the coefficients against ``tv`` (tv read once),
+    then two mixed-dtype adds into ``base``'s dtype (no casted temporaries). Backward: one GEMM
+    in the storage dtype (fp32 accumulation), the lo part's exact derivative being 0.
+    """
+
+    @staticmethod
+    def forward(ctx, base: Tensor, coef: Tensor, tv: Tensor) -> Tensor:
+        hi = coef.to(tv.dtype)
+        lo = (coef - hi.to(coef.dtype)).to(tv.dtype)
+        parts = torch.bmm(torch.cat([hi, lo], dim=1), tv)  # (n, 2, s)
+        ctx.save_for_backward(tv)
+        ctx.coef_dtype = coef.dtype
+        out = (base + parts[:, 0]) + parts[:, 1]  # promotes to the wider dtype
+        return out if out.dtype == base.dtype else out.to(base.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (tv,) = ctx.saved_tensors
+        grad_coef = None
+        if ctx.needs_input_grad[1]:
+            grad_coef = torch.bmm(grad.to(tv.dtype).unsqueeze(1), tv.mT).to(ctx.coef_dtype)
+        return None, grad_coef, None
+
+
 def weighted_sum(base: Tensor, coef: Tensor, tv: Tensor) -> Tensor:
     """``base + coef @ tv`` for a group: base (n, s), coef (n, 1, K), tv (n, K, s) -> (n, s).
 
     Same dtype: one fused ``baddbmm``. Lower-precision task vectors: the coefficients go in as
-    hi + lo parts of the storage dtype (the lo part is detached: its exact derivative is 0),
-    so they are not rounded; the sum is added to ``base`` in ``base``'s dtype.
+    hi + lo parts of the storage dtype, so they are not rounded; the sum is added to ``base``
+    in ``base``'s dtype (:class:`_LowPrecisionWeightedSum`). ``base`` gets no gradient.
     """
     if tv.dtype == base.dtype:
         return torch.baddbmm(base.unsqueeze(1), coef.to(base.dtype), tv).squeeze(1)
-    hi = coef.to(tv.dtype)
-    lo = (coef.detach() - hi.detach().to(coef.dtype)).to(tv.dtype)
-    parts = torch.bmm(torch.cat([hi, lo], dim=1), tv)  # (n, 2, s)
-    return base + parts[:, 0].to(base.dtype) + parts[:, 1].to(base.dtype)
+    return _LowPrecisionWeightedSum.apply(base, coef, tv)
 
 
 # --------------------------------------------------------------------------- engine
@@ -149,6 +173,7 @@ class FusedLayerWiseEngine(nn.Module):
         self._merged: Optional[Dict[str, Tensor]] = None
         self._active: Optional[Dict[str, Tensor]] = None
         self._linked = True
+        self._slot_cache: Optional[Dict[str, List[Tuple[Dict[str, Optional[Tensor]], str]]]] = None
         for i, group in enumerate(self.groups):
             base, tv = self._build_group(group, params, finetuned_models)
             self.register_buffer(f"base_{i}", base, persistent=False)
@@ -193,6 +218,7 @@ class FusedLayerWiseEngine(nn.Module):
         super()._apply(fn, *args, **kwargs)
         if self._linked:
             self._link_pretrained()
+        self._slot_cache = None
         self._merged = None  # merged views point at the old tensors; re-merge lazily
         return self
 
@@ -281,6 +307,43 @@ class FusedLayerWiseEngine(nn.Module):
         return functional_call(self.model, params, args, kwargs,
                                tie_weights=self.tie_weights, strict=self.strict)
 
+    def _slots(self) -> Dict[str, List[Tuple[Dict[str, Optional[Tensor]], str]]]:
+        """name -> the (``_parameters``/``_buffers`` dict, key) pairs holding it, aliases included."""
+        if self._slot_cache is None:
+            slots: Dict[str, List[Tuple[Dict[str, Optional[Tensor]], str]]] = {}
+            owners: Dict[int, List[Tuple[Dict[str, Optional[Tensor]], str]]] = {}
+            for prefix, module in self.model.named_modules(remove_duplicate=False):
+                for table in (module._parameters, module._buffers):
+                    for key, tensor in table.items():
+                        name = f"{prefix}.{key}" if prefix else key
+                        slots.setdefault(name, []).append((table, key))
+                        if tensor is not None:
+                            owners.setdefault(id(tensor), []).append((table, key))
+            if self.tie_weights:  # a merged value also replaces the tensor's aliases
+                for name in self.param_names:
+                    slots[name] = owners[id(self.model.get_parameter(name))]
+            self._slot_cache = slots
+        return self._slot_cache
+
+    @contextlib.contextmanager
+    def _installed(self, params: Dict[str, Tensor]) -> Iterator[None]:
+        """Put ``params`` into the module (as ``functional_call`` does) and restore on exit.
+
+        Cheap (dict assignments, slots cached) because recomputation enters it once per
+        checkpointed segment per step.
+        """
+        slots = self._slots()
+        swapped: List[Tuple[Dict[str, Optional[Tensor]], str, Optional[Tensor]]] = []
+        try:
+            for name, value in params.items():
+                for table, key in slots[name]:
+                    swapped.append((table, key, table[key]))
+                    table[key] = value
+            yield
+        finally:
+            for table, key, original in reversed(swapped):
+                table[key] = original
+
     def recompute_context(self) -> Tuple[ContextManager, ContextManager]:
         """``context_fn`` for non-reentrant ``torch.utils.checkpoint`` inside :meth:`forward`.
 
@@ -289,11 +352,8 @@ class FusedLayerWiseEngine(nn.Module):
         check (or, were the pretrained tensors trainable, gives wrong gradients silently). The
         second context re-installs the merged tensors of the forward that created the segment.
         """
-        from torch.nn.utils.stateless import _reparametrize_module
-
         params = self._active if self._active is not None else self._call_params()
-        return contextlib.nullcontext(), _reparametrize_module(
-            self.model, params, tie_weights=self.tie_weights, strict=self.strict)
+        return contextlib.nullcontext(), self._installed(params)
 
     @torch.no_grad()
     def merge_and_unload(self, coefficients: Tensor) -> nn.Module:
@@ -318,16 +378,31 @@ class FusedLayerWiseEngine(nn.Module):
         return grouped_task_vector_stats(self, features, rank)
 
 
-def enable_activation_checkpointing(engine: FusedLayerWiseEngine) -> None:
+def enable_activation_checkpointing(engine: FusedLayerWiseEngine, fraction: float = 1.0) -> int:
     """Turn on a Hugging Face model's gradient checkpointing so that it recomputes correctly.
 
-    Uses non-reentrant checkpointing with :meth:`FusedLayerWiseEngine.recompute_context`.
+    Non-reentrant checkpointing with :meth:`FusedLayerWiseEngine.recompute_context`. Only
+    ``fraction`` of the checkpointable layers (evenly spaced) recompute: activation memory
+    and recomputation time both scale with it. Returns the number of checkpointed layers.
     Hugging Face only checkpoints in training mode, so call ``engine.train()``.
     """
-    enable = getattr(engine.model, "gradient_checkpointing_enable", None)
+    model = engine.model
+    enable = getattr(model, "gradient_checkpointing_enable", None)
     if enable is None:
-        raise TypeError(f"{type(engine.model).__name__} has no gradient_checkpointing_enable().")
+        raise TypeError(f"{type(model).__name__} has no gradient_checkpointing_enable().")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
     enable(gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": engine.recompute_context})
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # older transformers: checkpointing is switched per encoder, all layers
+        return -1
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    chosen = {round(i * len(layers) / max(1, round(fraction * len(layers))))
+              for i in range(round(fraction * len(layers)))} if layers else set()
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i in chosen
+    return len(chosen)
 
 
 # --------------------------------------------------------------------------- spectra

@@ -197,28 +197,44 @@ def test_tied_weights_follow_the_merge():
         torch.testing.assert_close(engine(x), plain(x))
 
 
-def test_activation_checkpointing_recomputes_with_merged_weights(suite):
+@pytest.mark.parametrize("fraction,strict", [(1.0, False), (0.5, True)])
+def test_activation_checkpointing_recomputes_with_merged_weights(suite, fraction, strict):
     x = pixels()
     grads = []
     for checkpointing in (False, True):
-        fused = FusedLayerWiseEngine(*load(suite)).train()
+        fused = FusedLayerWiseEngine(*load(suite), strict=strict).train()
         if checkpointing:
-            enable_activation_checkpointing(fused)
+            assert enable_activation_checkpointing(fused, fraction) == round(2 * fraction)  # 2 layers
         coef = coefficients(fused).requires_grad_(True)
         loss_of(fused, coef, x).backward()
         grads.append(coef.grad)
+        # recomputation restored the module's own tensors
+        assert fused.model.get_parameter(fused.param_names[0]).untyped_storage().data_ptr() == \
+            fused.get_buffer("base_0").untyped_storage().data_ptr()
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_checkpointing_without_the_recompute_context_fails(suite):
+    """Why recompute_context exists: plain recomputation runs with the pretrained tensors."""
+    from torch.utils.checkpoint import CheckpointError
+
+    fused = FusedLayerWiseEngine(*load(suite)).train()
+    fused.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    coef = coefficients(fused).requires_grad_(True)
+    with pytest.raises(CheckpointError):
+        loss_of(fused, coef, pixels()).backward()
 
 
 # --------------------------------------------------------------------------- (e) statistics
 def test_grouped_statistics_match_reference(engines):
     host, fused = engines
+    task_vectors = [host.task_vector(k) for k in range(3)]
     for features, rank in ((list(FEATURES), 3), (["singular_values", "mean"], 5)):
-        reference = layer_wise_statistics([host.task_vector(k) for k in range(3)], features, rank)
-        ours = grouped_task_vector_stats(fused, features, rank)
-        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(fused.layer_wise_statistics(list(FEATURES), 3), ours.new_tensor(
-        layer_wise_statistics([host.task_vector(k) for k in range(3)], list(FEATURES), 3)), rtol=1e-4, atol=1e-7)
+        reference = layer_wise_statistics(task_vectors, features, rank)
+        torch.testing.assert_close(grouped_task_vector_stats(fused, features, rank), reference, rtol=1e-4, atol=1e-7)
+    # the method the algorithms look up (pool_statistics) is the same computation
+    torch.testing.assert_close(fused.layer_wise_statistics(["singular_values", "mean"], 5), reference,
+                               rtol=1e-4, atol=1e-7)
 
 
 class Wide(nn.Module):
@@ -317,6 +333,25 @@ def test_bf16_task_vectors_stay_close_to_fp32(suite):
         loss_of(engine, c, x).backward()
         g.append(c.grad)
     assert ((g[1] - g[0]).norm() / g[0].norm()) < 2e-2
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.float16])
+def test_low_precision_weighted_sum_gradient(base_dtype):
+    """The custom backward: d/dcoef of base + coef @ tv, computed by one GEMM in the storage dtype."""
+    from fusion_bench_statsmerging.fused import weighted_sum
+
+    gen = torch.Generator().manual_seed(0)
+    tv = torch.randn(3, 4, 50, generator=gen).to(torch.bfloat16)
+    base = torch.randn(3, 50, generator=gen).to(base_dtype)
+    coef = torch.rand(3, 1, 4, generator=gen, requires_grad=True)
+    grad_out = torch.randn(3, 50, generator=gen)
+    out = weighted_sum(base, coef, tv)
+    assert out.dtype == base_dtype
+    (out.float() * grad_out).sum().backward()
+    exact = torch.einsum("ns,nks->nk", grad_out, tv.float()).unsqueeze(1)
+    torch.testing.assert_close(coef.grad, exact, rtol=2e-2, atol=2e-2)
+    reference = base.float() + (coef.detach() @ tv.float()).squeeze(1)
+    torch.testing.assert_close(out.float(), reference, rtol=1e-2, atol=1e-2)
 
 
 def test_bf16_coefficients_are_not_rounded():
