@@ -1,31 +1,33 @@
-"""Shared machinery of the coefficient-distillation methods (StatsMerging, SAMerging) on CLIP pools.
+"""Shared machinery of the coefficient-distillation methods (StatsMerging, SAMerging).
 
 A method supplies a *coefficient module*: an ``nn.Module`` whose ``forward()`` returns the
 (K, L) merging coefficients and whose parameters are the only thing optimised (the
-StatsMergeLearner for StatsMerging, free coefficients for SAMerging). This class does the
-rest, identically for both: checks the pool and the config before any long work, caches
-the teachers' outputs on the chosen unlabeled images, runs the training loop through the
-merged model (one forward/backward over all tasks' batches, since they share the merged
-weights), logs, and writes the artefacts.
+StatsMergeLearner for StatsMerging, free coefficients for SAMerging). A model family
+(CLIP here, see :mod:`.clip`; Flan-T5 or per-task-head classifiers elsewhere) supplies four
+hooks: how to set up task heads, how to read unlabeled inputs, how a teacher labels them,
+and the merged model's logits per task. :class:`CoefficientDistillation` does the rest,
+identically for all: checks the pool and the config before any long work, caches the
+teachers' outputs, runs the training loop through the merged model, logs, and writes the
+artefacts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fusion_bench import BaseAlgorithm, auto_register_config
-from fusion_bench.mixins import CLIPClassificationMixin, SimpleProfilerMixin
+from fusion_bench.mixins import SimpleProfilerMixin
 
 from .. import artifacts
 from ..distillation import (
-    LOSSES, agreement, distillation_loss, get_protocol, load_labels, load_pixels,
-    num_fit_samples, sample_indices, teacher_logits,
+    LOSSES, agreement, distillation_loss, get_protocol, load_labels, num_fit_samples, sample_indices,
 )
 from ..merge import HostLayerWiseEngine, check_same_architecture, trainable_names
 
@@ -59,6 +61,24 @@ def taskpool_hint(program) -> Optional[str]:
     return (f"hint: no evaluation task pool was selected (the host's dummy pool only counts parameters); "
             f"add `taskpool={suggestion}` to evaluate the merged model.")
 OPTIMIZERS = ("adam", "sam")
+AUTOCAST_DTYPES = {None: None, "none": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                   "fp16": torch.float16, "float16": torch.float16}
+
+# Fit inputs of one task: a tensor (images) or a dict of equally long tensors (token ids, masks).
+Inputs = Union[Tensor, Dict[str, Tensor]]
+
+
+def take(inputs: Inputs, index) -> Inputs:
+    """Rows ``index`` of a tensor or of every tensor of a dict."""
+    if isinstance(inputs, dict):
+        return {k: v[index] for k, v in inputs.items()}
+    return inputs[index]
+
+
+def num_rows(inputs: Inputs) -> int:
+    if isinstance(inputs, dict):
+        return len(next(iter(inputs.values())))
+    return len(inputs)
 
 
 class PoolError(ValueError):
@@ -78,8 +98,9 @@ def build_engine(name: str, pretrained: nn.Module, experts: List[nn.Module], **k
 
 
 @auto_register_config
-class CLIPCoefficientDistillation(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgorithm):
-    """Base class; subclasses implement :meth:`build_coefficient_module` and may override the step."""
+class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
+    """Base class: a method implements :meth:`build_coefficient_module`; a model family the
+    four hooks ``setup_task_heads``, ``fit_inputs``, ``teacher_targets`` and ``merged_logits``."""
 
     method_label = "coefficient distillation"
 
@@ -102,6 +123,8 @@ class CLIPCoefficientDistillation(CLIPClassificationMixin, SimpleProfilerMixin, 
         sam_adaptive: bool = False,
         merge_engine: str = "fused",
         task_vector_dtype: Optional[str] = None,
+        autocast: Optional[str] = None,
+        activation_checkpointing: float = 0.0,
         tie_weights: bool = True,
         strict: bool = False,
         seed: int = 0,
@@ -120,9 +143,17 @@ class CLIPCoefficientDistillation(CLIPClassificationMixin, SimpleProfilerMixin, 
             raise ValueError(f"Unknown merge_engine '{merge_engine}'; choose one of {list(ENGINES)}.")
         if task_vector_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"task_vector_dtype must be null, float32, bfloat16 or float16, got '{task_vector_dtype}'.")
-        for key, value in {"batch_size": batch_size, "max_steps": max_steps}.items():
-            if int(value) < 1:
-                raise ValueError(f"{key} must be >= 1, got {value}.")
+        if autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast must be null, bf16 or fp16, got '{autocast}'.")
+        if not 0.0 <= float(activation_checkpointing) <= 1.0:
+            raise ValueError("activation_checkpointing is the fraction of layers to checkpoint, in [0, 1]; "
+                             f"got {activation_checkpointing}.")
+        if activation_checkpointing and merge_engine != "fused":
+            raise ValueError("activation_checkpointing needs merge_engine: fused.")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if int(max_steps) < 0:
+            raise ValueError(f"max_steps must be >= 0 (0: no training), got {max_steps}.")
         if not 0 < data_fraction <= 1:
             raise ValueError(f"data_fraction must be in (0, 1], got {data_fraction}.")
         if temperature <= 0 or lr <= 0:
@@ -136,6 +167,23 @@ class CLIPCoefficientDistillation(CLIPClassificationMixin, SimpleProfilerMixin, 
     def extra_artifacts(self, coefficient_module: nn.Module, out_dir: str) -> Dict[str, str]:
         """Method-specific files (e.g. the trained learner); returns name -> path."""
         return {}
+
+    # model-family hooks -------------------------------------------------
+    def setup_task_heads(self, task_names: List[str]) -> None:
+        """Prepare whatever turns the merged model's output into task logits (frozen)."""
+        raise NotImplementedError
+
+    def fit_inputs(self, dataset, indices: List[int]) -> Inputs:
+        """The chosen unlabeled inputs of a task, preprocessed, without reading labels."""
+        raise NotImplementedError
+
+    def teacher_targets(self, expert: nn.Module, task: str, inputs: Inputs) -> Tensor:
+        """The expert's logits on its own task's inputs (CPU, float32)."""
+        raise NotImplementedError
+
+    def merged_logits(self, engine: nn.Module, inputs: Dict[str, Inputs]) -> Dict[str, Tensor]:
+        """The merged model's logits for each task's inputs (on the fabric's device)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ checks
     def check_pool(self, modelpool) -> Dict[str, object]:
@@ -188,14 +236,13 @@ class CLIPCoefficientDistillation(CLIPClassificationMixin, SimpleProfilerMixin, 
         for t_idx, (task, ds) in enumerate(tqdm(datasets.items(), "Teacher targets")):
             n = num_fit_samples(len(ds), self.data_fraction, min_samples, self.max_samples_per_task)
             idx = sample_indices(len(ds), n, self.seed + t_idx)
-            pixels[task] = load_pixels(ds, idx, self.clip_processor)
+            pixels[task] = self.fit_inputs(ds, idx)
             if self._protocol.ground_truth:
                 targets[task] = load_labels(ds, idx)
             else:
                 teacher = experts[task].to(device).eval()
-                targets[task] = teacher_logits(
-                    lambda px, m=teacher, t=task: self.compute_logits(m, px, t),
-                    pixels[task], 64, device)
+                with torch.no_grad():
+                    targets[task] = self.teacher_targets(teacher, task, pixels[task])
                 teacher.cpu()
             info[task] = {"split": self._protocol.split, "num_samples": n, "dataset_size": len(ds)}
         return pixels, targets, info
@@ -203,30 +250,34 @@ class CLIPCoefficientDistillation(CLIPClassificationMixin, SimpleProfilerMixin, 
     def _batches(self, pixels: Dict[str, Tensor], targets: Dict[str, Tensor]):
         """Endless per-task shuffled batches, reproducible from the seed."""
         gen = torch.Generator().manual_seed(self.seed)
-        order = {t: torch.randperm(len(p), generator=gen) for t, p in pixels.items()}
+        order = {t: torch.randperm(num_rows(p), generator=gen) for t, p in pixels.items()}
         pos = {t: 0 for t in pixels}
         while True:
             batch = {}
             for t in pixels:
                 if pos[t] + self.batch_size > len(order[t]):
-                    order[t], pos[t] = torch.randperm(len(pixels[t]), generator=gen), 0
+                    order[t], pos[t] = torch.randperm(num_rows(pixels[t]), generator=gen), 0
                 i = order[t][pos[t] : pos[t] + self.batch_size]
                 pos[t] += self.batch_size
-                batch[t] = (pixels[t][i], targets[t][i])
+                batch[t] = (take(pixels[t], i), targets[t][i])
             yield batch
 
     # ------------------------------------------------------------------ training
+    def autocast_context(self):
+        """bf16/fp16 autocast of the forward/backward when configured (the merge itself stays in
+        the engine's precision; losses are computed in float32)."""
+        dtype = AUTOCAST_DTYPES[self.autocast]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.fabric.device.type, dtype=dtype)
+
     def task_losses(self, engine: nn.Module, batch: Dict[str, tuple]) -> Dict[str, Tensor]:
-        """One forward over all tasks' images (they share the merged weights), one loss per task."""
+        """The merged model's loss on each task's batch against that task's targets."""
         device = self.fabric.device
-        images = torch.cat([b[0] for b in batch.values()]).to(device=device, dtype=torch.float32)
-        embeds = engine(pixel_values=images)[1]
-        losses, start = {}, 0
-        for task, (px, tgt) in batch.items():
-            logits = self.compute_logits(None, None, task, image_embeds=embeds[start : start + len(px)])
-            losses[task] = distillation_loss(logits, tgt.to(device), self.loss, self.temperature)
-            start += len(px)
-        return losses
+        with self.autocast_context():
+            logits = self.merged_logits(engine, {task: b[0] for task, b in batch.items()})
+        return {task: distillation_loss(logits[task].float(), tgt.to(device), self.loss, self.temperature)
+                for task, (_, tgt) in batch.items()}
 
     def closure_loss(self, engine, coefficient_module, batch) -> tuple[Tensor, Dict[str, Tensor]]:
         """Merge at the module's current coefficients and return the mean task loss."""
@@ -296,8 +347,8 @@ class CLIPCoefficientDistillation(CLIPClassificationMixin, SimpleProfilerMixin, 
                 m._statsmerging_name = n
             # mismatched or corrupt experts fail here, before teachers run or weights are merged
             check_same_architecture(pretrained, list(experts.values()), trainable_names(pretrained))
-        with self.profile("zero-shot heads"):
-            self.setup_zero_shot_classification_head(task_names=names)
+        with self.profile("task heads"):
+            self.setup_task_heads(names)
         with self.profile("teacher targets"):
             pixels, targets, data_info = self.prepare_fit_data(datasets, experts)
         with self.profile("task vectors"):
@@ -306,6 +357,10 @@ class CLIPCoefficientDistillation(CLIPClassificationMixin, SimpleProfilerMixin, 
                                   tie_weights=self.tie_weights, strict=self.strict, task_vector_dtype=dtype)
             del experts
             engine = self.fabric.to_device(engine)
+            if self.activation_checkpointing:
+                from ..fused import enable_activation_checkpointing
+
+                enable_activation_checkpointing(engine, float(self.activation_checkpointing))
         with self.profile("coefficient module"):
             coefficient_module = self.fabric.to_device(self.build_coefficient_module(engine, names))
 
@@ -336,8 +391,7 @@ class CLIPCoefficientDistillation(CLIPClassificationMixin, SimpleProfilerMixin, 
         engine.set_coefficients(coefficients.to(self.fabric.device))
         result = {}
         for task in pixels:
-            px = pixels[task][:256].to(self.fabric.device, torch.float32)
-            logits = self.compute_logits(engine, px, task).cpu()
+            logits = self.merged_logits(engine, {task: take(pixels[task], slice(0, 256))})[task].float().cpu()
             result[task] = agreement(logits, targets[task][:256])
         return result
 
