@@ -54,8 +54,9 @@ MODELS: Dict[str, dict] = {
     "l14": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                 patch_size=14, image_size=224, projection_dim=768),
 }
-OURS_VARIANTS = ("fp32", "bf16", "fp32-ckpt", "bf16-ckpt", "bf16-ckpt0.33")
-VARIANT = re.compile(r"^(fp32|bf16)(-ckpt(0?\.\d+|1(\.0*)?)?)?$")  # -ckptF: checkpoint a fraction F of layers
+OURS_VARIANTS = ("fp32", "bf16", "fp32-pt", "bf16-pt", "bf16-ckpt0.33", "bf16-ckpt")
+# -ckptF: checkpoint a fraction F of layers; -pt: one forward/backward per task through one merge
+VARIANT = re.compile(r"^(fp32|bf16)(-ckpt(0?\.\d+|1(\.0*)?)?)?(-pt)?$")
 NUM_CLASSES = 10
 LOGIT_SCALE = 100.0
 PERTURBATION = 1e-2  # task-vector rms relative to the weight's rms
@@ -199,8 +200,9 @@ def run_ours(args, variant: str, device: torch.device, images: Tensor, labels: T
     match = VARIANT.match(variant)
     tv_dtype = torch.bfloat16 if match.group(1) == "bf16" else None
     ckpt_fraction = (float(match.group(3) or 1.0)) if match.group(2) else 0.0
+    per_task = bool(match.group(5))
     result: dict = {"engine": "ours", "variant": variant, "task_vector_dtype": str(tv_dtype or "float32"),
-                    "activation_checkpointing": ckpt_fraction,
+                    "activation_checkpointing": ckpt_fraction, "per_task_backward": per_task,
                     "autocast": "bf16" if device.type == "cuda" else "none"}
     pretrained, experts = build_models(args, device)
     reset_peak(device)
@@ -257,15 +259,25 @@ def run_ours(args, variant: str, device: torch.device, images: Tensor, labels: T
     optimizer = torch.optim.Adam(mlp.parameters(), lr=1e-3)
     batch = args.batch
 
-    def step():
-        engine.set_coefficients(mlp(features))
-        with autocast(device, True):
-            embeds = engine(pixel_values=images)[1]
-            losses = [F.cross_entropy(heads(embeds[t * batch:(t + 1) * batch], t).float(), labels[t])
-                      for t in range(args.experts)]
-            loss = torch.stack(losses).mean()
+    def task_loss(t: int, embeds: Tensor) -> Tensor:
+        return F.cross_entropy(heads(embeds, t).float(), labels[t])
+
+    def step():  # what CoefficientDistillation.closure_loss does, minus the data pipeline
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if per_task:
+            finish = engine.set_coefficients_detached(mlp(features))
+            for t in range(args.experts):
+                with autocast(device, True):
+                    loss = task_loss(t, engine(pixel_values=images[t * batch:(t + 1) * batch])[1])
+                (loss / args.experts).backward()
+            finish()
+        else:
+            engine.set_coefficients(mlp(features))
+            with autocast(device, True):
+                embeds = engine(pixel_values=images)[1]
+                loss = torch.stack([task_loss(t, embeds[t * batch:(t + 1) * batch])
+                                    for t in range(args.experts)]).mean()
+            loss.backward()
         optimizer.step()
 
     reset_peak(device)
@@ -414,7 +426,7 @@ def parse_args(argv: Optional[List[str]] = None):
     parser.add_argument("--rank", type=int, default=3, help="singular values per tensor in the statistics")
     parser.add_argument("--ours", default=None,
                         help=f"comma-separated configurations: fp32|bf16 task vectors, optional -ckpt "
-                             f"(activation checkpointing) or -ckpt<fraction of layers> (default: "
+                             f"(activation checkpointing) or -ckpt<fraction of layers>, then optional -pt (one backward per task) (default: "
                              f"{','.join(OURS_VARIANTS)} on CUDA, fp32,bf16 on CPU); 'none' to skip")
     parser.add_argument("--host", default=None, choices=["fp32", "bf16", "both", "none"],
                         help="host AdaMerging precision(s) (default: both on CUDA, fp32 on CPU)")
@@ -429,13 +441,15 @@ def parse_args(argv: Optional[List[str]] = None):
     parser.add_argument("--json", type=Path, default=None, help="write all measurements here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:  # "cuda" means the current device
+        args.device = "cuda:0"
     cuda = device.type == "cuda"
     chosen = args.ours or (",".join(OURS_VARIANTS) if cuda else "fp32,bf16")
     args.ours = [] if chosen == "none" else [v.strip() for v in chosen.split(",") if v.strip()]
     unknown = [v for v in args.ours if not VARIANT.match(v)]
     if unknown:
         parser.error(f"unknown --ours variant(s) {unknown}; use fp32|bf16 with an optional -ckpt or "
-                     f"-ckpt<fraction of layers>, e.g. {list(OURS_VARIANTS)}")
+                     f"-ckpt<fraction of layers>, then an optional -pt, e.g. {list(OURS_VARIANTS)}")
     host = args.host or ("both" if cuda else "fp32")
     args.host = {"both": ["fp32", "bf16"], "none": []}.get(host, [host])
     return args

@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -256,15 +256,47 @@ class FusedLayerWiseEngine(nn.Module):
         if tuple(coefficients.shape) != expected:
             raise ValueError(f"coefficients must have shape (num_models, num_tensors) = {expected}, "
                              f"got {tuple(coefficients.shape)}.")
-        columns = coefficients.to(self.device).t()  # (L, K)
         merged: Dict[str, Tensor] = {}
+        for group, result in self._merge_groups(coefficients):
+            for name, shape, row in zip(group.names, group.shapes, result.unbind(0)):
+                merged[name] = row.view(shape)
+        return merged
+
+    def _merge_groups(self, coefficients: Tensor) -> List[Tuple[TensorGroup, Tensor]]:
+        """One (n, numel) merged tensor per group: pretrained + sum_k coef[k, l] * tau_k[l]."""
+        columns = coefficients.to(self.device).t()  # (L, K)
+        out = []
         with _no_autocast(self.device):
             for group, base, tv, pos in self.group_buffers():
                 coef = columns.index_select(0, pos).unsqueeze(1)  # (n, 1, K)
-                rows = weighted_sum(base, coef, tv).unbind(0)
-                for name, shape, row in zip(group.names, group.shapes, rows):
-                    merged[name] = row.view(shape)
-        return merged
+                out.append((group, weighted_sum(base, coef, tv)))
+        return out
+
+    def set_coefficients_detached(self, coefficients: Tensor) -> Callable[[], None]:
+        """Merge once with the merged tensors as graph leaves; returns ``finish()``.
+
+        Forward/backward passes that follow (e.g. one per task, so that only one task's
+        activations are alive at a time) accumulate gradients on the merged tensors; ``finish()``
+        then sends them through the merge to the coefficients in one backward. Same gradients
+        as a single pass over all tasks, with the activation memory of one task.
+        """
+        self._coefficients = coefficients
+        outputs, leaves, merged = [], [], {}
+        for group, result in self._merge_groups(coefficients):
+            leaf = result.detach().requires_grad_(True)
+            outputs.append(result)
+            leaves.append(leaf)
+            for name, shape, row in zip(group.names, group.shapes, leaf.unbind(0)):
+                merged[name] = row.view(shape)
+        self._merged = merged
+
+        def finish() -> None:
+            grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
+            if any(out.requires_grad for out in outputs):
+                torch.autograd.backward(outputs, grads)
+            self._merged = None  # the leaves' graph is spent; the next forward merges again
+
+        return finish
 
     def set_coefficients(self, coefficients: Tensor) -> None:
         """Merge at ``coefficients`` (K, L), keeping the graph to whatever produced them."""

@@ -28,6 +28,7 @@ class SAM:
         self.adaptive = adaptive
         self.last_first_grads: List[Tensor] = []
         self.last_second_grads: List[Tensor] = []
+        self.last_perturbation: List[Tensor] = []
 
     @property
     def param_groups(self):
@@ -52,20 +53,25 @@ class SAM:
         self.zero_grad()
         with torch.enable_grad():
             loss, extras = closure()
-            loss.backward()
+            if loss.requires_grad:  # a closure may compute its gradients itself (per-task backward)
+                loss.backward()
         self.last_first_grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
         eps = self._perturbation(params)
+        self.last_perturbation = eps
+        # keep the exact starting point: w + e - e need not round back to w in floating point
+        origin = [p.detach().clone() for p in params]
         with torch.no_grad():
             for p, e in zip(params, eps):
                 p.add_(e)
         self.zero_grad()
         with torch.enable_grad():
             perturbed_loss, _ = closure()  # re-merges at w + e
-            perturbed_loss.backward()
+            if perturbed_loss.requires_grad:
+                perturbed_loss.backward()
         self.last_second_grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
         with torch.no_grad():
-            for p, e in zip(params, eps):
-                p.sub_(e)
+            for p, w in zip(params, origin):
+                p.copy_(w)
         self.base_optimizer.step()
         self.zero_grad()
         return loss, extras

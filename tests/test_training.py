@@ -141,12 +141,22 @@ def test_statsmerging_beats_simple_averaging(tmp_path, modelpool, cpu_fabric):
     assert ours >= avg + 0.05, (ours, avg)
 
 
-def test_fused_and_host_engines_train_to_the_same_coefficients(tmp_path, modelpool, cpu_fabric):
-    """The fast engine is a drop-in for the reference: same training trajectory within float tolerance."""
+@pytest.mark.parametrize("optimizer", ["adam", "sam"])
+def test_engines_and_per_task_backward_train_to_the_same_coefficients(tmp_path, modelpool, cpu_fabric, optimizer):
+    """The fast engine is a drop-in for the reference, and one backward per task through a single
+    merge gives the gradients of one pass over all tasks: same trajectory within float tolerance."""
+    runs = {"host": dict(merge_engine="host"), "fused": dict(merge_engine="fused"),
+            "per_task": dict(merge_engine="fused", per_task_backward=True)}
     results = {}
-    for engine in ["host", "fused"]:
-        algorithm = make_algorithm(tmp_path / engine, cpu_fabric, max_steps=5, merge_engine=engine)
+    for name, options in runs.items():
+        algorithm = make_algorithm(tmp_path / name, cpu_fabric, max_steps=5, optimizer=optimizer, **options)
         algorithm.run(modelpool)
-        results[engine] = torch.load(tmp_path / engine / "artifacts" / "coefficients.pt")
+        results[name] = torch.load(tmp_path / name / "artifacts" / "coefficients.pt")
     torch.testing.assert_close(results["fused"], results["host"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(results["per_task"], results["fused"], atol=1e-4, rtol=1e-4)
     assert (results["host"] - 0.3).abs().max() > 1e-3  # training moved the coefficients
+
+
+def test_per_task_backward_needs_the_fused_engine(tmp_path, cpu_fabric):
+    with pytest.raises(ValueError, match="per_task_backward"):
+        make_algorithm(tmp_path, cpu_fabric, merge_engine="host", per_task_backward=True)

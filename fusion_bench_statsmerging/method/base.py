@@ -103,6 +103,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
     four hooks ``setup_task_heads``, ``fit_inputs``, ``teacher_targets`` and ``merged_logits``."""
 
     method_label = "coefficient distillation"
+    report_name = "statsmerging_report.json"  # each method names its own report file
 
     def __init__(
         self,
@@ -125,12 +126,14 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         task_vector_dtype: Optional[str] = None,
         autocast: Optional[str] = None,
         activation_checkpointing: float = 0.0,
+        per_task_backward: bool = False,
         tie_weights: bool = True,
         strict: bool = False,
         seed: int = 0,
         log_every: int = 10,
         artifact_dir: Optional[str] = None,
         save_merged_model: bool = False,
+        fit_data_on_device: bool = True,
         **kwargs,
     ):
         # Validate everything a typo could break now, before any model is loaded.
@@ -148,8 +151,8 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         if not 0.0 <= float(activation_checkpointing) <= 1.0:
             raise ValueError("activation_checkpointing is the fraction of layers to checkpoint, in [0, 1]; "
                              f"got {activation_checkpointing}.")
-        if activation_checkpointing and merge_engine != "fused":
-            raise ValueError("activation_checkpointing needs merge_engine: fused.")
+        if (activation_checkpointing or per_task_backward) and merge_engine != "fused":
+            raise ValueError("activation_checkpointing and per_task_backward need merge_engine: fused.")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         if int(max_steps) < 0:
@@ -280,10 +283,34 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
                 for task, (_, tgt) in batch.items()}
 
     def closure_loss(self, engine, coefficient_module, batch) -> tuple[Tensor, Dict[str, Tensor]]:
-        """Merge at the module's current coefficients and return the mean task loss."""
-        engine.set_coefficients(coefficient_module())
-        losses = self.task_losses(engine, batch)
+        """Merge at the module's current coefficients and return the mean task loss.
+
+        With ``per_task_backward`` the gradients are computed here, one task at a time through a
+        single merge (less activation memory), and the returned loss is detached.
+        """
+        if not self.per_task_backward:
+            engine.set_coefficients(coefficient_module())
+            losses = self.task_losses(engine, batch)
+            return torch.stack(list(losses.values())).mean(), losses
+        finish = engine.set_coefficients_detached(coefficient_module())
+        losses = {}
+        for task, task_batch in batch.items():
+            loss = self.task_losses(engine, {task: task_batch})[task]
+            (loss / len(batch)).backward()
+            losses[task] = loss.detach()
+        finish()
         return torch.stack(list(losses.values())).mean(), losses
+
+    def _step(self, optimizer, engine, coefficient_module, batch) -> tuple[Tensor, Dict[str, Tensor]]:
+        """One optimisation step (SAM calls the closure twice, re-merging each time)."""
+        if self.optimizer == "sam":
+            return optimizer.step(lambda: self.closure_loss(engine, coefficient_module, batch))
+        optimizer.zero_grad(set_to_none=True)
+        loss, losses = self.closure_loss(engine, coefficient_module, batch)
+        if loss.requires_grad:  # per-task backward has already computed the gradients
+            loss.backward()
+        optimizer.step()
+        return loss, losses
 
     def make_optimizer(self, params):
         from ..sam import SAM
@@ -303,19 +330,12 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         history = []
         pbar = tqdm(range(self.max_steps), f"{self.method_label} ({self._protocol.name})", dynamic_ncols=True)
         for step in pbar:
-            batch = next(batches)
-            if self.optimizer == "sam":
-                loss, losses = optimizer.step(lambda: self.closure_loss(engine, coefficient_module, batch))
-            else:
-                loss, losses = self.closure_loss(engine, coefficient_module, batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+            loss, losses = self._step(optimizer, engine, coefficient_module, next(batches))
             if scheduler is not None:
                 scheduler.step()
             if step % self.log_every == 0 or step == self.max_steps - 1:
                 with torch.no_grad():
-                    coef = coefficient_module()
+                    coef = coefficient_module().detach()
                 metrics = {"train/loss": float(loss.detach()), "train/lr": base_opt.param_groups[0]["lr"],
                            "coefficients/mean": float(coef.mean()), "coefficients/min": float(coef.min()),
                            "coefficients/max": float(coef.max())}
@@ -351,6 +371,9 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             self.setup_task_heads(names)
         with self.profile("teacher targets"):
             pixels, targets, data_info = self.prepare_fit_data(datasets, experts)
+            if self.fit_data_on_device:  # a few hundred MB at most; saves a copy per step
+                pixels = {t: self.fabric.to_device(p) for t, p in pixels.items()}
+                targets = {t: self.fabric.to_device(v) for t, v in targets.items()}
         with self.profile("task vectors"):
             dtype = getattr(torch, self.task_vector_dtype) if self.task_vector_dtype else None
             engine = build_engine(self.merge_engine, pretrained, [experts[n] for n in names],
@@ -392,8 +415,13 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         result = {}
         for task in pixels:
             logits = self.merged_logits(engine, {task: take(pixels[task], slice(0, 256))})[task].float().cpu()
-            result[task] = agreement(logits, targets[task][:256])
+            result[task] = agreement(logits, targets[task][:256].cpu())
         return result
+
+    def phase_seconds(self) -> Dict[str, float]:
+        """Wall time of each profiled phase so far (the report keeps them for benchmarks)."""
+        durations = getattr(self.profiler, "recorded_durations", {})
+        return {name: round(sum(values), 3) for name, values in durations.items()}
 
     def write_artifacts(self, out_dir, coefficients, param_names, names, coefficient_module, history,
                         data_info, fit_agreement, seconds) -> Dict[str, str]:
@@ -418,7 +446,8 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             "final_loss": history[-1]["train/loss"] if history else None,
             "history": history,
             "seconds": round(seconds, 2),
+            "phase_seconds": self.phase_seconds(),
             "files": files,
         }
-        files["report"] = str(artifacts.save_json(f"{out_dir}/statsmerging_report.json", report))
+        files["report"] = str(artifacts.save_json(f"{out_dir}/{self.report_name}", report))
         return files

@@ -1,0 +1,193 @@
+"""End-to-end cost of a full default StatsMerging merge at real CLIP size, through the CLI.
+
+Not a test. Builds, under ``--out``, a suite directory in the layout ``clip_suite`` reads
+(``pretrained/``, ``experts/<task>/``, ``data/<task>/<split>``, ``tasks.json``) with a randomly
+initialised CLIP of real size (ViT-B/32 vision tower and a 12-layer text tower) and K experts
+(pretrained + a rank-8 update plus noise per tensor, like ``merge_speed.py``), and per task
+``--fit-images`` unlabeled train images (random colour blocks; their content does not change
+the cost). Then runs, for each variant, the unchanged CLI::
+
+    fusion_bench method=statsmerging modelpool=clip_suite taskpool=dummy \\
+        method.data_fraction=1.0 method.max_samples_per_task=<fit-images> [variant overrides]
+
+and reads the method's own JSON report: total seconds inside the method (model loading, zero-shot
+heads, teacher targets, task vectors, statistics, training, merge) and the per-phase times.
+The process wall time (Python start-up and imports included) is reported beside it.
+
+    python benchmarks/end_to_end.py --out /tmp/e2e --model b32 --experts 8 --json e2e.json
+    python benchmarks/end_to_end.py --out /tmp/e2e_tiny --model tiny --experts 3 --steps 3   # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+sys.path.insert(0, str(REPO_ROOT))
+
+from merge_speed import MODELS  # noqa: E402
+
+# The real ViT-B/32 CLIP text tower; "tiny" keeps the test fast.
+TEXT = {"tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        "b32": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
+        "l14": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)}
+VARIANTS = {"default": [], "bf16": ["method.autocast=bf16"],
+            "bf16-tv": ["method.autocast=bf16", "method.task_vector_dtype=bfloat16"]}
+NUM_CLASSES = 10
+TEMPLATES = ["a photo of a {}.", "an image of a {}."]
+
+
+def clip_config(model: str):
+    from transformers import CLIPConfig
+
+    vocab = 2 * 256 + 2
+    vision = {k: v for k, v in MODELS[model].items() if k != "projection_dim"}
+    text = dict(vocab_size=vocab, max_position_embeddings=48, bos_token_id=vocab - 2,
+                eos_token_id=vocab - 1, pad_token_id=vocab - 1, **TEXT[model])
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=MODELS[model]["projection_dim"])
+
+
+def save_pretrained(root: Path, model: str, seed: int) -> "torch.nn.Module":
+    """A random CLIP of the chosen size with a byte-level tokenizer and a matching image processor."""
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from fusion_bench_statsmerging.fixtures import write_byte_tokenizer
+
+    torch.manual_seed(seed)
+    clip = CLIPModel(clip_config(model))
+    out = root / "pretrained"
+    tok_dir = root / "_tokenizer"
+    write_byte_tokenizer(tok_dir)
+    size = MODELS[model]["image_size"]
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
+        tokenizer=CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=48))
+    processor.save_pretrained(out)
+    clip.save_pretrained(out)
+    return clip
+
+
+@torch.no_grad()
+def save_experts(root: Path, clip, tasks: List[str], seed: int, scale: float = 0.01) -> None:
+    """Experts = pretrained + (rank-8 update + noise) per tensor, as real task vectors look."""
+    from transformers import CLIPVisionModel
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    base = {k: v.clone() for k, v in clip.vision_model.state_dict().items()}
+    for task in tasks:
+        expert = CLIPVisionModel(clip.config.vision_config)
+        state = {}
+        for name, w in base.items():
+            if not w.is_floating_point():
+                state[name] = w
+                continue
+            noise = torch.randn(w.shape, generator=gen)
+            if w.dim() == 2:
+                r = min(8, *w.shape)
+                low = torch.randn(w.shape[0], r, generator=gen) @ torch.randn(r, w.shape[1], generator=gen) / r**0.5
+                noise = (noise + low) / 2**0.5
+            state[name] = w + scale * w.abs().mean().clamp_min(1e-3) * noise
+        expert.vision_model.load_state_dict(state)
+        expert.save_pretrained(root / "experts" / task)
+
+
+def save_data(root: Path, tasks: List[str], size: int, n_train: int, seed: int) -> None:
+    """Random colour-block images (content is irrelevant to cost); a few test images keep pools valid."""
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    names = [f"class {i}" for i in range(NUM_CLASSES)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    for task in tasks:
+        for split, n in {"train": n_train, "test": 16}.items():
+            blocks = rng.integers(0, 256, size=(n, 4, 4, 3), dtype=np.uint8)
+            images = [Image.fromarray(np.kron(b, np.ones((size // 4, size // 4, 1), np.uint8))) for b in blocks]
+            ds = datasets.Dataset.from_dict({"image": images, "label": [i % NUM_CLASSES for i in range(n)]},
+                                            features=features)
+            ds.save_to_disk(str(root / "data" / task / split))
+    (root / "tasks.json").write_text(json.dumps(
+        {t: {"classnames": names, "templates": TEMPLATES} for t in tasks}, indent=2))
+
+
+def build_suite(root: Path, model: str, experts: int, fit_images: int, seed: int) -> float:
+    start = time.perf_counter()
+    tasks = [f"e2e_task{i}" for i in range(experts)]
+    clip = save_pretrained(root, model, seed)
+    save_experts(root, clip, tasks, seed)
+    save_data(root, tasks, MODELS[model]["image_size"], fit_images, seed)
+    return time.perf_counter() - start
+
+
+def run_variant(root: Path, name: str, overrides: List[str], steps: int, fit_images: int) -> Dict:
+    """One CLI run; returns the method's report with the process wall time added."""
+    run_dir = root / "runs" / name
+    cmd = [sys.executable, "-m", "fusion_bench.scripts.cli", "method=statsmerging", "modelpool=clip_suite",
+           "taskpool=dummy", "method.data_fraction=1.0", f"method.max_samples_per_task={fit_images}",
+           f"method.max_steps={steps}", f"method.artifact_dir={run_dir}", f"path.log_dir={run_dir}", *overrides]
+    env = {**os.environ, "STATSMERGING_SUITE_DIR": str(root), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    report_path = run_dir / "statsmerging_report.json"
+    if proc.returncode != 0 or not report_path.is_file():
+        return {"variant": name, "error": proc.stderr[-3000:], "process_wall_s": wall, "command": " ".join(cmd)}
+    report = json.loads(report_path.read_text())
+    return {"variant": name, "overrides": overrides, "process_wall_s": round(wall, 2),
+            "method_seconds": report["seconds"], "phase_seconds": report.get("phase_seconds", {}),
+            "steps": steps, "final_loss": report["final_loss"], "command": " ".join(cmd)}
+
+
+def markdown(results: List[Dict], meta: Dict) -> str:
+    phases = ["load models", "task heads", "teacher targets", "task vectors", "coefficient module", "training"]
+    lines = [f"K={meta['experts']} experts, model {meta['model']}, {meta['fit_images']} fit images/task, "
+             f"{meta['steps']} steps, device {meta['device']}", "",
+             "| variant | method total (s) | " + " | ".join(phases) + " | process wall (s) |",
+             "|---" * (len(phases) + 3) + "|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | failed: {r['error'].strip().splitlines()[-1][:80]} |")
+            continue
+        cells = [f"{r['phase_seconds'].get(p, float('nan')):.1f}" for p in phases]
+        lines.append(f"| {r['variant']} | {r['method_seconds']:.1f} | " + " | ".join(cells)
+                     + f" | {r['process_wall_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="scratch folder for the suite and runs (GBs at b32)")
+    p.add_argument("--model", choices=sorted(MODELS), default="b32")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--fit-images", type=int, default=300, help="unlabeled train images per task (TA8 at 1%%: ~100-600)")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--variants", default="default,bf16", help=f"comma list of {sorted(VARIANTS)}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    build_s = build_suite(a.out, a.model, a.experts, a.fit_images, a.seed)
+    print(f"suite built in {build_s:.1f}s", flush=True)
+    results = [run_variant(a.out, v, VARIANTS[v], a.steps, a.fit_images) for v in a.variants.split(",")]
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    meta = {"model": a.model, "experts": a.experts, "fit_images": a.fit_images, "steps": a.steps,
+            "device": device, "torch": torch.__version__, "build_seconds": round(build_s, 1)}
+    print(markdown(results, meta))
+    if a.json:
+        a.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
