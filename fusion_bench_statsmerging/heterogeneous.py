@@ -1,0 +1,549 @@
+"""Heterogeneous experts: distil-then-merge (StatsMerging, Algorithm 1 lines 4-13; Sec. 4.2, Eq. 8).
+
+:class:`HeterogeneousDistillationModelPool` wraps a CLIP vision model pool whose experts may
+have other architectures and presents a homogeneous pool to any merging method (ours or the
+host's). The target architecture is the pool's ``_pretrained_`` CLIP vision model. Each expert
+of another architecture is distilled into a student initialised from the target's pretrained
+weights, on unlabeled images of its own task::
+
+    loss = alpha * CE(student, argmax teacher) + (1 - alpha) * T^2 * KL(teacher_T || student_T)
+
+with T = 4 and alpha = 0.7 by default. Each model sees an image through its own
+preprocessing; the student's logits are the CLIP vision tower + the task's frozen zero-shot
+head (only the vision tower trains). No human label is read: images are taken from the
+dataset's ``image`` column only, from the train split by default (the test split only with
+``distillation.allow_test_split``).
+
+Students are cached on disk, keyed by the teacher (file contents or hub snapshot), the target,
+the task, the data and the settings; a later run loads them. Each cache entry holds the
+student (``save_pretrained``) and ``distillation.json`` (settings, teacher, agreement of the
+student with its teacher on held-out unlabeled images, loss history); TensorBoard scalars go
+to ``<cache_dir>/tensorboard/<entry>/``.
+
+Example::
+
+    fusion_bench method=statsmerging modelpool=clip-vit-base-patch32_TA8_hetero \\
+        taskpool=clip-vit-classification_TA8
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from fusion_bench import BaseAlgorithm
+from fusion_bench.modelpool import CLIPVisionModelPool
+
+from .distillation import (
+    _image_of, agreement, distillation_loss, image_only_view, num_fit_samples, sample_indices,
+)
+from .teachers import (
+    CLIPZeroShotClassifier, ExpertSpec, HeteroExpertError, Teacher, check_teacher_outputs,
+    clip_zero_shot_head, load_teacher, rendered_templates, same_architecture, source_fingerprint,
+    task_classes,
+)
+
+__all__ = ["HeterogeneousDistillationModelPool", "DistillHeterogeneousExperts", "DistillationSettings",
+           "HeteroPoolError", "HeteroExpertError", "distill_student"]
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+SPLITS = ("train", "validation", "test")
+DEFAULT_CACHE_DIR = "~/.cache/fusion_bench_statsmerging/hetero_students"
+EXPERT_FILE = "expert.yaml"
+
+
+class HeteroPoolError(ValueError):
+    """A heterogeneous pool that cannot be made homogeneous, with what to change."""
+
+
+@dataclass
+class DistillationSettings:
+    """How each other-architecture expert is distilled into the target architecture."""
+
+    split: str = "train"
+    allow_test_split: bool = False
+    temperature: float = 4.0
+    alpha: float = 0.7
+    data_fraction: float = 1.0
+    max_samples: Optional[int] = 4096
+    held_out_fraction: float = 0.1
+    max_steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-5
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    seed: int = 0
+    amp: bool = True
+    device: str = "auto"
+    eval_batch_size: int = 256
+    log_every: int = 10
+
+    # settings that do not change the student (left out of the cache key)
+    _NOT_KEYED = ("device", "eval_batch_size", "log_every", "allow_test_split")
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "DistillationSettings":
+        if cfg is None:
+            cfg = {}
+        if OmegaConf.is_config(cfg):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise HeteroPoolError(f"Unknown distillation settings {unknown}; known: {sorted(known)}.")
+        s = cls(**cfg)
+        if s.split not in SPLITS:
+            raise HeteroPoolError(f"distillation.split must be one of {list(SPLITS)}, got '{s.split}'.")
+        if s.split == "test" and not s.allow_test_split:
+            raise HeteroPoolError(
+                "distillation.split=test distils on unlabeled TEST images (test-time adaptation); set "
+                "distillation.allow_test_split=true to do so on purpose, and report it.")
+        if not 0.0 <= s.alpha <= 1.0:
+            raise HeteroPoolError(f"distillation.alpha must be in [0, 1], got {s.alpha}.")
+        if s.temperature <= 0 or s.lr <= 0:
+            raise HeteroPoolError("distillation.temperature and distillation.lr must be positive.")
+        if not 0.0 < s.data_fraction <= 1.0 or not 0.0 <= s.held_out_fraction < 1.0:
+            raise HeteroPoolError("distillation.data_fraction must be in (0, 1] and held_out_fraction in [0, 1).")
+        for key in ("max_steps", "batch_size", "eval_batch_size", "log_every"):
+            if int(getattr(s, key)) < 1:
+                raise HeteroPoolError(f"distillation.{key} must be >= 1.")
+        return s
+
+    def keyed(self) -> Dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in self._NOT_KEYED}
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def cache_key(parts: Dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _warmup_cosine(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# --------------------------------------------------------------------------- distillation
+@torch.no_grad()
+def _teacher_targets_and_student_pixels(teacher: Teacher, student_processor, dataset, indices, batch_size,
+                                        device, desc):
+    """Read each chosen image once (image column only); the teacher sees it through its own
+    preprocessing (its logits are kept), the student through the CLIP processor (pixels kept)."""
+    view = image_only_view(dataset)
+    logits, pixels = [], []
+    for start in tqdm(range(0, len(indices), batch_size), desc, leave=False):
+        images = [_image_of(view[i]) for i in indices[start:start + batch_size]]
+        images = [im.convert("RGB") if hasattr(im, "convert") else im for im in images]
+        t_px = teacher.pixels(images).to(device=device, dtype=torch.float32)
+        logits.append(teacher.logits(t_px).float().cpu())
+        pixels.append(student_processor(images=images, return_tensors="pt")["pixel_values"].to(torch.float16))
+    return torch.cat(pixels), torch.cat(logits)
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, pixels: Tensor, batch_size: int, device, amp: bool) -> Tensor:
+    out = []
+    for start in range(0, len(pixels), batch_size):
+        with _autocast(device, amp):
+            out.append(model(pixels[start:start + batch_size].to(device, torch.float32)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def distill_student(teacher: Teacher, student: CLIPZeroShotClassifier, student_processor, dataset,
+                    settings: DistillationSettings, task: str, tensorboard_dir: Optional[str] = None) -> Dict[str, Any]:
+    """Train ``student.vision_model`` to match ``teacher`` on unlabeled images of ``task`` (Eq. 8).
+
+    Returns a report: sample counts and the student's agreement with the teacher on held-out
+    unlabeled images (before and after), on the fitting images, and the loss history.
+    """
+    s, device = settings, settings.torch_device()
+    start_time = time.time()
+    n = num_fit_samples(len(dataset), s.data_fraction, min_samples=2, max_samples=s.max_samples)
+    chosen = sample_indices(len(dataset), n, s.seed)
+    n_held = int(round(s.held_out_fraction * n))
+    if s.held_out_fraction > 0:
+        n_held = min(max(1, n_held), n - 1)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(s.seed + 1)).tolist()
+    held = sorted(chosen[i] for i in perm[:n_held])
+    fit = sorted(chosen[i] for i in perm[n_held:])
+
+    teacher.model.to(device)
+    fit_px, fit_t = _teacher_targets_and_student_pixels(
+        teacher, student_processor, dataset, fit, s.eval_batch_size, device, f"Teacher logits ({task})")
+    held_px, held_t = _teacher_targets_and_student_pixels(
+        teacher, student_processor, dataset, held, s.eval_batch_size, device, f"Teacher logits ({task}, held-out)")
+    teacher.model.cpu()
+
+    student.to(device)
+    student.eval()
+    before = agreement(_predict(student, held_px, s.eval_batch_size, device, s.amp), held_t) if n_held else None
+
+    params = [p for p in student.vision_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _warmup_cosine(i, s.warmup_steps, s.max_steps))
+    writer = None
+    if tensorboard_dir:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(tensorboard_dir)
+    gen = torch.Generator().manual_seed(s.seed + 2)
+    order, pos, history = torch.randperm(len(fit_px), generator=gen), 0, []
+    batch = min(s.batch_size, len(fit_px))
+    student.vision_model.train()
+    pbar = tqdm(range(s.max_steps), f"Distilling {teacher.spec.kind} expert -> CLIP ({task})", dynamic_ncols=True)
+    for step in pbar:
+        if pos + batch > len(order):
+            order, pos = torch.randperm(len(fit_px), generator=gen), 0
+        idx = order[pos:pos + batch]
+        pos += batch
+        px, t = fit_px[idx].to(device, torch.float32), fit_t[idx].to(device)
+        with _autocast(device, s.amp):
+            logits = student(px).float()
+        ce = distillation_loss(logits, t, "hard")
+        kl = distillation_loss(logits, t, "soft", s.temperature)
+        loss = s.alpha * ce + (1.0 - s.alpha) * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % s.log_every == 0 or step == s.max_steps - 1:
+            row = {"step": step, "loss": float(loss.detach()), "ce": float(ce.detach()), "kl": float(kl.detach()),
+                   "lr": opt.param_groups[0]["lr"], "batch_agreement": agreement(logits.detach(), t)}
+            history.append(row)
+            if writer is not None:
+                for k, v in row.items():
+                    if k != "step":
+                        writer.add_scalar(f"distill/{k}", v, step)
+            pbar.set_postfix(loss=f"{row['loss']:.4f}", agree=f"{row['batch_agreement']:.2f}")
+    student.eval()
+    after = agreement(_predict(student, held_px, s.eval_batch_size, device, s.amp), held_t) if n_held else None
+    fit_sub = slice(0, min(len(fit_px), 1024))
+    fit_agree = agreement(_predict(student, fit_px[fit_sub], s.eval_batch_size, device, s.amp), fit_t[fit_sub])
+    if writer is not None:
+        if after is not None:
+            writer.add_scalar("distill/held_out_agreement", after, s.max_steps)
+        writer.close()
+    student.cpu()
+    report = {
+        "task": task,
+        "split": s.split,
+        "num_fit_images": len(fit), "num_held_out_images": len(held), "dataset_size": len(dataset),
+        "agreement_with_teacher": {"held_out": after, "held_out_before_distillation": before, "fit": fit_agree},
+        "final_loss": history[-1]["loss"] if history else None,
+        "history": history,
+        "seconds": round(time.time() - start_time, 2),
+        "uses_ground_truth_labels": False,
+    }
+    log.info("Distilled '%s' (%s expert): agreement with teacher on %d held-out unlabeled images %s -> %s",
+             task, teacher.spec.kind, len(held), before, after)
+    return report
+
+
+def _publish(entry: Path, student: nn.Module, report: Dict[str, Any]) -> Dict[str, Any]:
+    """Write the student and its report into a temporary sibling, then rename it into place in one
+    step. If another process published the same entry meanwhile, keep theirs (same key, same
+    settings) and return its report."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    try:
+        student.save_pretrained(tmp)
+        (tmp / "distillation.json").write_text(json.dumps(report, indent=2, default=str))
+        try:
+            os.rename(tmp, entry)
+        except OSError:
+            if not (entry / "distillation.json").is_file():
+                raise
+            log.info("Another run published %s first; using it.", entry)
+            return json.loads((entry / "distillation.json").read_text())
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return report
+
+
+# --------------------------------------------------------------------------- pool
+def _as_plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+
+
+def _is_spec(cfg: Any) -> bool:
+    return (isinstance(cfg, (dict, DictConfig))) and "kind" in cfg
+
+
+class HeterogeneousDistillationModelPool(CLIPVisionModelPool):
+    """A CLIP vision pool whose other-architecture experts are distilled into the target on load.
+
+    Args:
+        models: the host's ``models`` mapping; an entry with a ``kind`` is an expert of another
+            architecture (see :mod:`fusion_bench_statsmerging.teachers`).
+        base_pool: optional config (or instance) of another pool to wrap: its models, datasets
+            and processor are taken, then ``models`` / ``experts_dir`` / ``experts`` override them.
+        experts_dir: optional folder of ``<task>/`` experts (each with an ``expert.yaml``, or a
+            transformers checkpoint whose kind is detected); only tasks of the pool are replaced.
+        experts: ``{task: spec}`` replacing (or adding) experts.
+        distillation: :class:`DistillationSettings` fields.
+        cache_dir: where students are cached (default ``~/.cache/fusion_bench_statsmerging/hetero_students``).
+    """
+
+    _config_mapping = CLIPVisionModelPool._config_mapping | {
+        "_base_pool": "base_pool", "_experts_dir": "experts_dir", "_experts": "experts",
+        "_distillation": "distillation", "_cache_dir": "cache_dir",
+    }
+
+    def __init__(self, models: Optional[DictConfig] = None, *, processor=None, base_pool=None,
+                 experts: Optional[DictConfig] = None, experts_dir: Optional[str] = None,
+                 distillation: Optional[DictConfig] = None, cache_dir: Optional[str] = None,
+                 train_datasets=None, val_datasets=None, test_datasets=None, platform: str = "hf", **kwargs):
+        self._base_pool, self._experts, self._experts_dir = base_pool, experts, experts_dir
+        self._distillation, self._cache_dir = distillation, cache_dir
+        self.settings = DistillationSettings.from_config(distillation)
+        merged: Dict[str, Any] = {}
+        if base_pool is not None:
+            base = base_pool
+            if isinstance(base_pool, (dict, DictConfig)):
+                from fusion_bench.utils import instantiate
+
+                base = instantiate(base_pool)
+            merged.update(dict(base._models.items()))
+            processor = processor if processor is not None else base._processor
+            train_datasets = train_datasets if train_datasets is not None else base._train_datasets
+            val_datasets = val_datasets if val_datasets is not None else base._val_datasets
+            test_datasets = test_datasets if test_datasets is not None else base._test_datasets
+            platform = getattr(base, "_platform", platform)
+        merged.update(dict((models or {}).items()))
+        specs: Dict[str, ExpertSpec] = {k: ExpertSpec.parse(k, v) for k, v in merged.items() if _is_spec(v)}
+        specs.update(self._scan_experts_dir(experts_dir, merged))
+        for name, cfg in (_as_plain(experts) or {}).items():
+            if cfg is not None:
+                specs[name] = ExpertSpec.parse(name, cfg)
+        for name, spec in specs.items():
+            merged[name] = spec.describe()
+        if specs and "_pretrained_" not in merged:
+            raise HeteroPoolError(
+                f"The pool has experts of other architectures ({sorted(specs)}) but no `_pretrained_` "
+                "model: the target architecture (and the students' initial weights) is the pool's "
+                "`_pretrained_` CLIP model. Add `_pretrained_: <CLIP model>` under `models:`.")
+        if "_pretrained_" in specs:
+            raise HeteroPoolError("`_pretrained_` is the target architecture; it cannot be a distilled expert.")
+        self._specs = specs
+        super().__init__(OmegaConf.create(merged), processor=processor, platform=platform,
+                         train_datasets=train_datasets, val_datasets=val_datasets,
+                         test_datasets=test_datasets, **kwargs)
+        self._student_paths: Dict[str, str] = {}
+        self.distillation_reports: Dict[str, Dict[str, Any]] = {}
+        self._target: Optional[Dict[str, Any]] = None
+        if specs:
+            log.info("Heterogeneous pool: %s distilled into the `_pretrained_` architecture on first load "
+                     "(cache: %s)", {k: v.kind for k, v in specs.items()}, self.cache_root)
+
+    @staticmethod
+    def _scan_experts_dir(experts_dir: Optional[str], models: Dict[str, Any]) -> Dict[str, ExpertSpec]:
+        if not experts_dir:
+            return {}
+        root = Path(os.path.expanduser(str(experts_dir)))
+        if not root.is_dir():
+            raise HeteroPoolError(f"experts_dir '{root}' is not a directory (build it with "
+                                  "benchmarks/build_hetero_experts.py, or set experts_dir: null).")
+        found = {}
+        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+            if sub.name not in models:
+                log.info("experts_dir: '%s' is not a task of this pool; skipped.", sub.name)
+                continue
+            spec_file = sub / EXPERT_FILE
+            cfg = OmegaConf.load(spec_file) if spec_file.is_file() else {"kind": "auto", "path": "."}
+            found[sub.name] = ExpertSpec.parse(sub.name, cfg, base_dir=sub)
+        return found
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def cache_root(self) -> Path:
+        return Path(os.path.expanduser(str(self._cache_dir or os.environ.get(
+            "STATSMERGING_HETERO_CACHE", DEFAULT_CACHE_DIR))))
+
+    @property
+    def heterogeneous_model_names(self):
+        return list(self._specs)
+
+    def expert_spec(self, name: str) -> Optional[ExpertSpec]:
+        return self._specs.get(name)
+
+    # ------------------------------------------------------------------ host API
+    def load_model(self, model_name_or_config, *args, **kwargs):
+        if isinstance(model_name_or_config, str) and model_name_or_config in self._specs:
+            from transformers import CLIPVisionModel
+
+            return CLIPVisionModel.from_pretrained(self.student_path(model_name_or_config), *args, **kwargs)
+        return super().load_model(model_name_or_config, *args, **kwargs)
+
+    def get_model_path(self, model_name: str) -> str:
+        if model_name in self._specs:
+            return self.student_path(model_name)
+        return super().get_model_path(model_name)
+
+    def prepare(self) -> Dict[str, str]:
+        """Distil (or load from the cache) every other-architecture expert now; name -> student path."""
+        return {name: self.student_path(name) for name in self._specs}
+
+    # ------------------------------------------------------------------ distillation
+    def _load_target(self) -> Dict[str, Any]:
+        if self._target is None:
+            clip_model = self.load_clip_model("_pretrained_")
+            self._target = {"clip_model": clip_model, "processor": self.load_processor()}
+        return self._target
+
+    def _unlabeled_dataset(self, task: str):
+        split = self.settings.split
+        names = {"train": self.train_dataset_names, "validation": self.val_dataset_names,
+                 "test": self.test_dataset_names}[split]
+        key = {"train": "train_datasets", "validation": "val_datasets", "test": "test_datasets"}[split]
+        if task not in names:
+            raise HeteroPoolError(
+                f"Task '{task}' has no unlabeled data to distil its {self._specs[task].kind} expert on: the "
+                f"pool's `{key}` has no entry for it (distillation.split={split}). Add one, or choose "
+                "another `distillation.split`.")
+        loader = {"train": self.load_train_dataset, "validation": self.load_val_dataset,
+                  "test": self.load_test_dataset}[split]
+        dataset = loader(task)
+        if len(dataset) < 2:
+            raise HeteroPoolError(
+                f"Task '{task}' has {len(dataset)} unlabeled image(s) in its {split} split; distillation "
+                "needs at least two (fitting + held-out).")
+        return dataset
+
+    def _key_parts(self, task: str, spec: ExpertSpec, dataset, classnames, templates) -> Dict[str, Any]:
+        data_cfg = {"train": self._train_datasets, "validation": self._val_datasets,
+                    "test": self._test_datasets}[self.settings.split][task]
+        return {
+            "format": CACHE_FORMAT, "task": task, "classnames": list(map(str, classnames)),
+            "templates": rendered_templates(templates), "teacher": spec.fingerprint(),
+            "target": source_fingerprint(self._models["_pretrained_"]),
+            "processor": source_fingerprint(self._processor) if self._processor is not None else None,
+            "data": {"split": self.settings.split, "size": len(dataset),
+                     "fingerprint": getattr(dataset, "_fingerprint", None) or json.dumps(_as_plain(data_cfg), default=str)},
+            "settings": self.settings.keyed(),
+        }
+
+    def _has_target_architecture(self, path: str) -> bool:
+        """Whether a CLIP checkpoint has the target's parameter names and shapes (configs first, cheaply)."""
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        target = self.load_pretrained_model()
+        fields_ = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "patch_size", "image_size", "num_channels")
+        config = CLIPVisionConfig.from_pretrained(path)
+        if any(getattr(config, f) != getattr(target.config, f) for f in fields_):
+            return False
+        return same_architecture(CLIPVisionModel.from_pretrained(path), target)
+
+    def _cached(self, entry: Path) -> Optional[Dict[str, Any]]:
+        report = entry / "distillation.json"
+        if report.is_file() and (entry / "config.json").is_file():
+            return json.loads(report.read_text())
+        return None
+
+    def student_path(self, task: str) -> str:
+        """The directory of the target-architecture model standing for expert ``task``."""
+        if task in self._student_paths:
+            return self._student_paths[task]
+        spec = self._specs[task]
+        if spec.kind == "clip" and self._has_target_architecture(spec.path):
+            log.info("Expert '%s' has the target architecture: it passes through unchanged.", task)
+            self._student_paths[task] = spec.path
+            return spec.path
+        classnames, templates = task_classes(task)
+        dataset = self._unlabeled_dataset(task)
+
+        def entry_for() -> Path:
+            key = cache_key(self._key_parts(task, spec, dataset, classnames, templates))
+            return self.cache_root / f"{_safe(task)}-{spec.kind}-{key[:16]}"
+
+        entry = entry_for()
+        report = self._cached(entry)
+        if report is None:
+            teacher = load_teacher(spec, task, classnames, templates)
+            self._load_target()
+            entry = entry_for()  # hub snapshots of teacher and target are known once they are downloaded
+            report = self._cached(entry)
+            if report is None:
+                report = self._distill(task, spec, teacher, dataset, classnames, templates, entry)
+        else:
+            log.info("Loading the cached student of '%s' from %s (no distillation).", task, entry)
+        self.distillation_reports[task] = report
+        self._student_paths[task] = str(entry)
+        if all(name in self._student_paths for name in self._specs):
+            self._target = None  # the target CLIP model (text tower included) is no longer needed
+        return str(entry)
+
+    def _distill(self, task, spec, teacher, dataset, classnames, templates, entry: Path) -> Dict[str, Any]:
+        log.info("Distilling the %s expert of '%s' into the target architecture (cache miss: %s).",
+                 spec.kind, task, entry)
+        target = self._load_target()
+        device = self.settings.torch_device()
+        probe = [_image_of(image_only_view(dataset)[i]) for i in range(min(2, len(dataset)))]
+        teacher.model.to(device)
+        check_teacher_outputs(teacher, probe, task, len(classnames), device)
+        clip_model, processor = target["clip_model"], target["processor"]
+        head = clip_zero_shot_head(clip_model, processor, classnames, templates)
+        vision = self.load_pretrained_model()
+        student = CLIPZeroShotClassifier(vision, copy.deepcopy(clip_model.visual_projection), head,
+                                         clip_model.logit_scale.exp())
+        # host methods may load experts under no_grad / inference mode; distillation needs gradients
+        with torch.inference_mode(False), torch.enable_grad():
+            report = distill_student(teacher, student, processor.image_processor, dataset, self.settings, task,
+                                     tensorboard_dir=str(self.cache_root / "tensorboard" / entry.name))
+        report.update({"expert": spec.describe(), "target": str(_as_plain(self._models["_pretrained_"])),
+                       "settings": asdict(self.settings), "cache_entry": str(entry),
+                       "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+        return _publish(entry, vision, report)
+
+
+class DistillHeterogeneousExperts(BaseAlgorithm):
+    """Distil (or load from the cache) every other-architecture expert of the pool, then return the
+    pretrained model. Run it once before a comparison so no method's time includes distillation::
+
+        fusion_bench method=dummy method._target_=fusion_bench_statsmerging.heterogeneous.DistillHeterogeneousExperts \\
+            modelpool=clip_suite_hetero
+    """
+
+    def run(self, modelpool):
+        if isinstance(modelpool, HeterogeneousDistillationModelPool):
+            paths = modelpool.prepare()
+            for name, path in paths.items():
+                rep = modelpool.distillation_reports.get(name, {})
+                print(f"{name}: {path} (held-out agreement with teacher: "
+                      f"{rep.get('agreement_with_teacher', {}).get('held_out')})")
+        return modelpool.load_pretrained_model()
