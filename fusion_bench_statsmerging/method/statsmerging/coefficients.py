@@ -4,6 +4,11 @@ Statistics of each task vector (per layer, or of the whole vector) are normalise
 to the StatsMergeLearner; its outputs are the merging coefficients. The
 :class:`StatsMergingCoefficients` mixin adds StatsMerging's options and artefacts to any
 model family's trainer (``CLIPCoefficientDistillation`` for CLIP, others alike).
+
+Learner reuse (experimental): with ``learner_path`` the learner of an earlier run is loaded
+instead of a fresh one (see :mod:`fusion_bench_statsmerging.reuse`); with ``max_steps: 0``
+it only predicts coefficients for the new pool and no image is read, with ``max_steps > 0``
+it is fine-tuned from there as usual.
 """
 
 from __future__ import annotations
@@ -16,13 +21,22 @@ from torch import Tensor, nn
 
 from ... import artifacts
 from ...learner import StatsMergeLearner, relative_depth
+from ...reuse import (
+    LEARNER_OPTIONS, NORMALIZERS, SavedLearner, depth_mapping, learner_payload, load_learner, normalizer_for,
+    resolve_options,
+)
 from ...stats import (
     FeatureNormalizer, layer_wise_statistics, num_features, task_wise_statistics, validate_features,
 )
+from ...distillation import Protocol, get_protocol
+from ..base import PoolError
 
 log = logging.getLogger(__name__)
 
 MODES = ("layer_wise", "task_wise")
+NO_DATA_PROTOCOL = Protocol("reused_learner_no_data", "none", False,
+                            "no data: a saved learner predicts the coefficients from the pool's weights "
+                            "(learner_path with max_steps 0); no image of any split is read")
 
 
 class LearnerCoefficients(nn.Module):
@@ -54,49 +68,150 @@ def pool_statistics(engine: nn.Module, mode: str, features: Sequence[str], rank:
     return layer_wise_statistics(task_vectors, features, rank)
 
 
+class _Unreadable:
+    """A fitting set of a data-free reuse run: it has a size, and any read is a bug."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index):
+        raise RuntimeError("a reused learner with max_steps 0 must not read fitting data")
+
+
+class _DataFreePool:
+    """The model pool as a data-free reuse run's checks see it: the same models, and for every
+    task a fitting set of each split that cannot be read."""
+
+    def __init__(self, pool, size: int):
+        self._pool, self._size = pool, size
+
+    def __getattr__(self, name):
+        return getattr(self._pool, name)
+
+    @property
+    def train_dataset_names(self) -> List[str]:
+        return list(self._pool.model_names)
+
+    val_dataset_names = test_dataset_names = train_dataset_names
+
+    def load_train_dataset(self, name: str) -> _Unreadable:
+        return _Unreadable(self._size)
+
+    load_val_dataset = load_test_dataset = load_train_dataset
+
+
 class StatsMergingCoefficients:
     """Mixin: StatsMerging's options, learner and artefacts, placed before a family trainer in the
-    bases (e.g. ``class X(StatsMergingCoefficients, CLIPCoefficientDistillation)``)."""
+    bases (e.g. ``class X(StatsMergingCoefficients, CLIPCoefficientDistillation)``).
+
+    ``learner_path`` (experimental) loads a saved learner instead of a fresh one; its
+    structure options (``mode``, ``features``, ``rank``, ``hidden_dim``, ...) then come from
+    the file, and any of them set here must agree with it. ``normalizer`` chooses the
+    statistics transform for the new pool: ``saved`` (the one it was trained with, default)
+    or ``refit`` (fitted on the new pool).
+    """
 
     method_label = "StatsMerging"
 
     def __init__(
         self,
-        mode: str = "layer_wise",
-        features: Sequence[str] = ("mean", "variance", "norm", "singular_values"),
-        rank: int = 3,
-        hidden_dim: int = 128,
-        learner_layers: int = 2,
-        output: str = "sigmoid",
-        init_coefficient: float = 0.3,
-        max_coefficient: float = 1.0,
-        use_depth: bool = True,
+        mode: Optional[str] = "layer_wise",
+        features: Optional[Sequence[str]] = ("mean", "variance", "norm", "singular_values"),
+        rank: Optional[int] = 3,
+        hidden_dim: Optional[int] = 128,
+        learner_layers: Optional[int] = 2,
+        output: Optional[str] = "sigmoid",
+        init_coefficient: Optional[float] = 0.3,
+        max_coefficient: Optional[float] = 1.0,
+        use_depth: Optional[bool] = True,
         name: Optional[str] = None,
+        learner_path: Optional[str] = None,
+        normalizer: str = "saved",
         **kwargs,
     ):
-        if mode not in MODES:
-            raise ValueError(f"Unknown mode '{mode}'; choose one of {list(MODES)}.")
-        validate_features(features)
-        if int(rank) < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}.")
+        if normalizer not in NORMALIZERS:
+            raise ValueError(f"normalizer must be one of {list(NORMALIZERS)}, got '{normalizer}'.")
+        configured = dict(mode=mode, features=features, rank=rank, hidden_dim=hidden_dim,
+                          learner_layers=learner_layers, output=output, init_coefficient=init_coefficient,
+                          max_coefficient=max_coefficient, use_depth=use_depth)
+        self._saved_learner: Optional[SavedLearner] = None
+        if learner_path:
+            self._saved_learner = load_learner(learner_path)
+            configured = resolve_options(self._saved_learner, configured)
+        else:
+            unset = [k for k in LEARNER_OPTIONS if configured[k] is None]
+            if unset:
+                raise ValueError(f"{unset} may be null only with learner_path (they are then read from the "
+                                 "saved learner); set them, or give learner_path.")
+        if configured["mode"] not in MODES:
+            raise ValueError(f"Unknown mode '{configured['mode']}'; choose one of {list(MODES)}.")
+        validate_features(configured["features"])
+        if int(configured["rank"]) < 1:
+            raise ValueError(f"rank must be >= 1, got {configured['rank']}.")
         # Build a throwaway learner to validate output/init/depth settings up front.
-        StatsMergeLearner(1, hidden_dim, learner_layers, output, init_coefficient, max_coefficient)
+        StatsMergeLearner(1, configured["hidden_dim"], configured["learner_layers"], configured["output"],
+                          configured["init_coefficient"], configured["max_coefficient"])
         super().__init__(**kwargs)
+        for key, value in configured.items():  # the values in force (from the file when reused)
+            setattr(self, key, value)
+        if self.reuses_without_training:
+            self._protocol = NO_DATA_PROTOCOL
         if name:
             self.method_label = name
 
+    # ------------------------------------------------------------------ reuse without data
+    @property
+    def reuses_without_training(self) -> bool:
+        """A loaded learner with ``max_steps: 0``: coefficients come from weights alone."""
+        return self._saved_learner is not None and int(self.max_steps) == 0
+
+    def check_pool(self, modelpool):
+        """Data-free reuse runs the family's pool checks (and set-up, e.g. label words) on a view
+        of the pool whose fitting sets have a size but refuse any read, and returns no data."""
+        if not self.reuses_without_training:
+            return super().check_pool(modelpool)
+        if getattr(self, "batchnorm", None) == "reestimate":
+            raise PoolError("batchnorm: reestimate needs images, and a reused learner with max_steps 0 reads "
+                            "none; choose batchnorm: merge or pretrained.")
+        protocol, self._protocol = self._protocol, get_protocol("train_unlabeled")  # the checks expect a split
+        try:
+            super().check_pool(_DataFreePool(modelpool, max(int(self.batch_size), 1)))
+        finally:
+            self._protocol = protocol
+        log.info("%s: reusing the learner in %s without training; no data of any split is read.",
+                 self.method_label, self._saved_learner.path)
+        return {}
+
+    def prepare_fit_data(self, datasets, experts):
+        if self.reuses_without_training:
+            datasets = {}
+        return super().prepare_fit_data(datasets, experts)
+
+    # ------------------------------------------------------------------ learner
     def build_coefficient_module(self, engine: nn.Module, model_names: List[str]) -> nn.Module:
         feats = list(self.features)
         raw = pool_statistics(engine, self.mode, feats, self.rank)
-        self._normalizer = FeatureNormalizer.fit(raw)
-        learner = StatsMergeLearner(
-            num_features(feats, self.rank), self.hidden_dim, self.learner_layers, self.output,
-            self.init_coefficient, self.max_coefficient,
-            use_depth=self.use_depth and self.mode == "layer_wise",
-        )
+        saved = self._saved_learner
+        if saved is not None:
+            self._normalizer = normalizer_for(saved, raw, self.normalizer)
+            learner = saved.build()
+            log.info("StatsMergeLearner loaded from %s (format %d, trained on %d experts x %s tensors); "
+                     "normaliser: %s", saved.path, saved.format_version, len(saved.pool.get("model_names", [])),
+                     len(saved.pool.get("param_names", [])) or "?", self.normalizer)
+        else:
+            self._normalizer = FeatureNormalizer.fit(raw)
+            learner = StatsMergeLearner(
+                num_features(feats, self.rank), self.hidden_dim, self.learner_layers, self.output,
+                self.init_coefficient, self.max_coefficient,
+                use_depth=self.use_depth and self.mode == "layer_wise",
+            )
         log.info("StatsMergeLearner: %d parameters; statistics %s", sum(p.numel() for p in learner.parameters()),
                  tuple(raw.shape))
         self._raw_statistics = raw.cpu()
+        self._pool_info = {"model_names": list(model_names), "param_names": list(engine.param_names)}
         return LearnerCoefficients(learner, self._normalizer(raw).float(), len(engine.param_names), self.mode)
 
     def write_artifacts(self, out_dir, coefficients, param_names, names, *args, **kwargs):
@@ -105,17 +220,20 @@ class StatsMergingCoefficients:
         return super().write_artifacts(out_dir, coefficients, param_names, names, *args, **kwargs)
 
     def extra_artifacts(self, coefficient_module: LearnerCoefficients, out_dir: str) -> Dict[str, str]:
-        learner = coefficient_module.learner
-        state = {
-            "learner_state_dict": {k: v.cpu() for k, v in learner.state_dict().items()},
-            "normalizer": self._normalizer.state_dict(),
-            "raw_statistics": self._raw_statistics,
-            "learner_config": {
-                "in_features": num_features(list(self.features), self.rank), "hidden_dim": self.hidden_dim,
-                "num_layers": self.learner_layers, "output": self.output,
-                "init_coefficient": self.init_coefficient, "max_coefficient": self.max_coefficient,
-                "use_depth": learner.use_depth,
-            },
-            "mode": self.mode, "features": list(self.features), "rank": self.rank,
-        }
-        return {"learner": str(artifacts.save_torch(f"{out_dir}/learner.pt", state))}
+        saved = self._saved_learner
+        options = {k: getattr(self, k) for k in LEARNER_OPTIONS}
+        provenance = {"method": self.method_label, "protocol": self._protocol.name, "max_steps": int(self.max_steps),
+                      "loaded_from": saved.path if saved else None,
+                      "normalizer": ("fitted on this pool" if saved is None or self.normalizer == "refit"
+                                     else f"saved, from {saved.path}")}
+        state = learner_payload(coefficient_module.learner, self._normalizer, self._raw_statistics, options,
+                                self._pool_info, provenance)
+        files = {"learner": str(artifacts.save_torch(f"{out_dir}/learner.pt", state))}
+        if saved is not None:
+            report = {**provenance, "trained_here": not self.reuses_without_training,
+                      "images_read": not self.reuses_without_training,
+                      "source_pool": saved.pool, "pool": self._pool_info, "options": options,
+                      "relative_depth_mapping": depth_mapping(len(self._pool_info["param_names"]), saved)
+                      if self.mode == "layer_wise" else None}
+            files["reuse_report"] = str(artifacts.save_json(f"{out_dir}/reuse_report.json", report))
+        return files
