@@ -19,6 +19,15 @@ taken from the host's code, not from the papers: the host's CLIP Fisher merging 
 the Fisher from the model's *own* predictive distribution on train images (``images, _ =
 batch``) and RegMean only records layer inputs of train images, so both are label-free on
 the train split; the host's AdaMerging minimises entropy on shuffled *test* images.
+
+The data-driven methods run under both protocols so that the comparison is fair:
+AdaMerging on test images (the host's default, ``adamerging_{task,layer}``) and on label-free
+train images (``adamerging_{task,layer}_train``: the host's classes with only the data hook
+changed, see ``method/adamerging_protocol.py``); StatsMerging on train images (its default)
+and on test images (``statsmerging_*_tta``, ``method.protocol=test_time_adaptation``).
+
+``--jobs N`` runs N methods at a time (threads that each wait on one child); the report
+then says that wall times overlap. Peak memory is per child process either way.
 """
 
 from __future__ import annotations
@@ -51,6 +60,13 @@ TEST_TIME = "test-time adaptation (unlabeled test images)"
 USES_LABELS = "uses labels"
 REFERENCE = "individual experts (reference)"
 CUSTOM = "custom (not classified)"
+
+PROTOCOL_NOTE = (
+    "Data protocol: what a method read to fit its coefficients, besides the checkpoints. "
+    f"'{TRAIN_UNLABELED}': train-split images, never labels; '{TEST_TIME}': the very test images "
+    "it is scored on, never labels (AdaMerging's published protocol). Fitting reads labels only "
+    f"where the protocol says '{USES_LABELS}', and test images only under test-time adaptation; "
+    "every row is then scored on the labelled test split.")
 
 # Values of our methods' ``protocol`` key -> the column text, so a row follows its override.
 OUR_PROTOCOLS = {
@@ -86,19 +102,30 @@ class MethodSpec:
 EXPERTS_TARGET = "fusion_bench_statsmerging.compare.ExpertsOnOwnTasks"
 _ADAMERGING_FAST = ("method.max_steps={fast_steps}", "method.num_workers=0")
 # The host's task-wise AdaMerging torch.save()s zero-shot heads into ``cache_dir`` without
-# creating it, so the directory is made before the run (and shared by both variants).
-_ADAMERGING_CACHE = "{cache_dir}/adamerging"
+# creating it, so the directory is made before the run. One per run: runs may overlap
+# (--jobs) and torch.save is not atomic.
+_ADAMERGING_CACHE = "{run_dir}/adamerging_cache"
 
 
-def _adamerging(key: str, label: str, name: str) -> MethodSpec:
+def _adamerging(key: str, label: str, name: str, train_split: bool = False) -> MethodSpec:
+    """The host's CLIP AdaMerging (test-time adaptation on test images) or our subclass that
+    reads label-free train images instead (``method=adamerging_train``)."""
+    if train_split:
+        return MethodSpec(key, label, ("method=adamerging_train", f"method.name={name}",
+                                       f"method.cache_dir={_ADAMERGING_CACHE}"),
+                          TRAIN_UNLABELED, fast_overrides=_ADAMERGING_FAST, make_dirs=(_ADAMERGING_CACHE,),
+                          protocol_key="method.protocol", default_protocol_value="train_unlabeled")
     return MethodSpec(key, label, ("method=adamerging/clip", f"method.name={name}",
                                    f"method.cache_dir={_ADAMERGING_CACHE}"),
                       TEST_TIME, fast_overrides=_ADAMERGING_FAST, make_dirs=(_ADAMERGING_CACHE,))
+
+
 _OURS_FAST = ("method.max_steps={fast_steps}",)
+_TTA = "method.protocol=test_time_adaptation"
 
 
-def _ours(key: str, label: str, config: str, optional: bool = False) -> MethodSpec:
-    return MethodSpec(key, label, (f"method={config}",), TRAIN_UNLABELED, fast_overrides=_OURS_FAST,
+def _ours(key: str, label: str, config: str, optional: bool = False, *extra: str) -> MethodSpec:
+    return MethodSpec(key, label, (f"method={config}", *extra), TRAIN_UNLABELED, fast_overrides=_OURS_FAST,
                       protocol_key="method.protocol", default_protocol_value="train_unlabeled",
                       optional=optional)
 
@@ -114,21 +141,31 @@ REGISTRY: Dict[str, MethodSpec] = {s.key: s for s in [
     MethodSpec("fisher_merging", "Fisher Merging", ("method=fisher_merging/clip_fisher_merging",),
                TRAIN_UNLABELED),
     MethodSpec("regmean", "RegMean", ("method=regmean/clip_regmean",), TRAIN_UNLABELED),
-    _adamerging("adamerging_task", "AdaMerging (task-wise)", "clip_task_wise_adamerging"),
-    _adamerging("adamerging_layer", "AdaMerging (layer-wise)", "clip_layer_wise_adamerging"),
+    _adamerging("adamerging_task", "AdaMerging (task-wise, test images)", "clip_task_wise_adamerging"),
+    _adamerging("adamerging_layer", "AdaMerging (layer-wise, test images)", "clip_layer_wise_adamerging"),
+    _adamerging("adamerging_task_train", "AdaMerging (task-wise, train images)", "clip_task_wise_adamerging",
+                train_split=True),
+    _adamerging("adamerging_layer_train", "AdaMerging (layer-wise, train images)", "clip_layer_wise_adamerging",
+                train_split=True),
     _ours("statsmerging_task", "StatsMerging (task-wise)", "statsmerging_taskwise"),
     _ours("statsmerging_layer", "StatsMerging (layer-wise)", "statsmerging"),
     _ours("statsmerging_plusplus", "StatsMerging++", "statsmerging_plusplus"),
+    _ours("statsmerging_task_tta", "StatsMerging (task-wise, test images)", "statsmerging_taskwise", False, _TTA),
+    _ours("statsmerging_layer_tta", "StatsMerging (layer-wise, test images)", "statsmerging", False, _TTA),
+    _ours("statsmerging_plusplus_tta", "StatsMerging++ (test images)", "statsmerging_plusplus", False, _TTA),
     _ours("statsmerging_plusplus_task", "StatsMerging++ (task-wise)", "statsmerging_plusplus_taskwise",
           optional=True),
     _ours("samerging", "SAMerging", "samerging", optional=True),
     _ours("statsmerging_sam", "StatsMerging + SAM", "statsmerging_sam", optional=True),
 ]}
 
+# Data-driven methods run under both protocols: AdaMerging on test images (the host's
+# default) and on train images; ours on train images (default) and on test images.
 DEFAULT_METHODS = [
     "pretrained", "individual", "simple_average", "task_arithmetic", "ties_merging", "fisher_merging",
-    "regmean", "adamerging_task", "adamerging_layer", "statsmerging_task", "statsmerging_layer",
-    "statsmerging_plusplus", "samerging", "statsmerging_sam",
+    "regmean", "adamerging_task", "adamerging_layer", "adamerging_task_train", "adamerging_layer_train",
+    "statsmerging_task", "statsmerging_layer", "statsmerging_plusplus", "statsmerging_task_tta",
+    "statsmerging_layer_tta", "statsmerging_plusplus_tta", "samerging", "statsmerging_sam",
 ]
 
 
@@ -271,6 +308,7 @@ class Context:
     timeout: float
     fast: bool
     fast_steps: int
+    jobs: int = 1  # runs at a time
 
     @property
     def cache_dir(self) -> Path:
@@ -364,6 +402,19 @@ def _wait(proc: subprocess.Popen, timeout: float) -> Tuple[Optional[int], Option
         time.sleep(0.2)
 
 
+# Children running now, so an interrupted parallel comparison (--jobs) can stop them all:
+# the launcher threads cannot receive the parent's signal themselves.
+_LIVE: set = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def _kill_live() -> None:
+    with _LIVE_LOCK:
+        procs = list(_LIVE)
+    for proc in procs:
+        _kill_group(proc)
+
+
 def launch(spec: MethodSpec, ctx: Context) -> Dict[str, Any]:
     """Run one method in a child ``fusion_bench`` process and collect its row."""
     run_dir = ctx.run_dir(spec.key)
@@ -377,6 +428,8 @@ def launch(spec: MethodSpec, ctx: Context) -> Dict[str, Any]:
            str(ctx.cache_dir.resolve()), "--", *overrides]
     env = {**os.environ, **ctx.env}
     env.setdefault("HYDRA_FULL_ERROR", "1")  # the error, not Hydra's hint, ends stderr
+    if ctx.jobs > 1:  # share the cores instead of every child starting one thread per core
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ctx.jobs)))
     row: Dict[str, Any] = {"key": spec.key, "label": spec.label, "kind": spec.kind,
                            "protocol": row_protocol(spec, overrides), "overrides": overrides,
                            "command": command_line(overrides, ctx.env), "run_dir": str(run_dir)}
@@ -385,11 +438,16 @@ def launch(spec: MethodSpec, ctx: Context) -> Dict[str, Any]:
     with open(run_dir / "stdout.log", "w") as out, open(run_dir / "stderr.log", "w") as err:
         proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=out, stderr=err,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
+        with _LIVE_LOCK:
+            _LIVE.add(proc)
         try:
             code, wait_rss = _wait(proc, ctx.timeout)
         except BaseException:  # Ctrl-C: the child has its own session and would outlive us
             _kill_group(proc)
             raise
+        finally:
+            with _LIVE_LOCK:
+                _LIVE.discard(proc)
     row["wall_time_s"] = time.perf_counter() - start
     row.update(_read_stats(stats_path, wait_rss))
     stderr = (run_dir / "stderr.log").read_text(errors="replace")
@@ -572,8 +630,12 @@ def markdown(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str], meta: Mapp
     head = ["Method", "Data protocol", *tasks, "Avg.", "Time (s)", "Peak RSS (MiB)", "Peak CUDA (MiB)", "Status"]
     lines = ["# Model merging comparison", "",
              f"modelpool `{meta['modelpool']}`, taskpool `{meta['taskpool']}`; accuracy in %; "
-             f"{meta['created']}{'; fast mode' if meta.get('fast') else ''}.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             f"{meta['created']}{'; fast mode' if meta.get('fast') else ''}.", ""]
+    if meta.get("jobs", 1) > 1:
+        lines += [f"**{meta['jobs']} methods ran at a time (`--jobs {meta['jobs']}`)**: their wall times "
+                  "overlap and include contention for the GPU and CPU, so they are not comparable "
+                  "to a serial run's; peak memory is still measured per process.", ""]
+    lines += [PROTOCOL_NOTE, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         accs = r.get("accuracies") or {}
         status = "ok" if r["status"] == "ok" else f"{r['status']}: {r.get('error') or ''}"
@@ -686,10 +748,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--add", action="append", default=[], metavar="KEY=OVERRIDES",
                    help="an extra method row from Hydra overrides, e.g. 'ta05=method=task_arithmetic "
                         "method.scaling_factor=0.5' (protocol: custom)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="methods run at a time (default 1). With more, wall times overlap and the "
+                        "report says so; peak memory stays per process")
     p.add_argument("--list", action="store_true", help="list the known methods and exit")
     p.add_argument("--dry-run", action="store_true", help="print the fusion_bench command lines and exit")
     p.add_argument("--fail-on-error", action="store_true", help="exit 1 if any method did not succeed")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error("--jobs must be at least 1")
+    return args
 
 
 def select_specs(args: argparse.Namespace, registry: Mapping[str, MethodSpec]) -> List[MethodSpec]:
@@ -715,7 +783,7 @@ def build_context(args: argparse.Namespace) -> Context:
     extra = [o for chunk in args.extra_overrides for o in shlex.split(chunk)]
     return Context(out=args.out, modelpool=args.modelpool, taskpool=args.taskpool, extra_overrides=extra,
                    per_method=per_method, env=env, timeout=args.timeout, fast=args.fast,
-                   fast_steps=args.fast_steps)
+                   fast_steps=args.fast_steps, jobs=args.jobs)
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -734,7 +802,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         registry[key] = MethodSpec(key, key, tuple(shlex.split(overrides)), CUSTOM)
     if args.list:
         for s in registry.values():
-            print(f"{s.key:28s} {s.label:30s} {s.protocol:45s} {' '.join(s.overrides)}")
+            print(f"{s.key:28s} {s.label:40s} {row_protocol(s, s.overrides):45s} {' '.join(s.overrides)}")
         return 0
     ctx = build_context(args)
     specs = select_specs(args, registry)
@@ -747,24 +815,59 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
     shutil.rmtree(ctx.cache_dir, ignore_errors=True)  # fresh heads: the suite may have been rebuilt
-    rows: List[Dict[str, Any]] = []
     meta = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "modelpool": ctx.modelpool,
-            "taskpool": ctx.taskpool, "fast": ctx.fast, "extra_overrides": ctx.extra_overrides,
-            "env": ctx.env, "argv": argv}
-    for spec in specs:
+            "taskpool": ctx.taskpool, "fast": ctx.fast, "jobs": ctx.jobs,
+            "extra_overrides": ctx.extra_overrides, "env": ctx.env, "argv": argv}
+    slots: List[Optional[Dict[str, Any]]] = [None] * len(specs)
+    todo = []
+    for i, spec in enumerate(specs):
         if spec.optional and not args.methods and config_file(spec, dirs) is None:
-            rows.append(skipped_row(spec, ctx))
-            continue
-        print(f"[compare] {spec.label} ...", file=sys.stderr, flush=True)
-        row = launch(spec, ctx)
-        print(f"[compare] {spec.label}: {row['status']} in {row['wall_time_s']:.1f} s"
-              + (f" ({row['error']})" if row.get("error") else ""), file=sys.stderr, flush=True)
-        rows.append(row)
-        write_outputs(ctx.out, rows, meta)  # partial results survive an interrupted comparison
+            slots[i] = skipped_row(spec, ctx)
+        else:
+            todo.append(i)
+    run_specs(specs, todo, slots, ctx, meta)
+    rows = [r for r in slots if r is not None]
     md = write_outputs(ctx.out, rows, meta)
     print(md)
     return 1 if args.fail_on_error and any(r["status"] != "ok" for r in rows) else 0
 
+
+def _launch_logged(spec: MethodSpec, ctx: Context) -> Dict[str, Any]:
+    print(f"[compare] {spec.label} ...", file=sys.stderr, flush=True)
+    row = launch(spec, ctx)
+    print(f"[compare] {spec.label}: {row['status']} in {row['wall_time_s']:.1f} s"
+          + (f" ({row['error']})" if row.get("error") else ""), file=sys.stderr, flush=True)
+    return row
+
+
+def run_specs(specs: Sequence[MethodSpec], todo: Sequence[int], slots: List[Optional[Dict[str, Any]]],
+              ctx: Context, meta: Dict[str, Any]) -> None:
+    """Run ``specs[i]`` for ``i`` in ``todo``, ``ctx.jobs`` at a time, into ``slots[i]``.
+
+    Rows keep the requested order whatever order runs finish in; the result files are
+    rewritten after each run so partial results survive an interrupted comparison. On an
+    interrupt (Ctrl-C, SIGTERM) every running child's process group is stopped.
+    """
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    pool = ThreadPoolExecutor(max_workers=max(1, ctx.jobs), thread_name_prefix="compare")
+    futures = {pool.submit(_launch_logged, specs[i], ctx): i for i in todo}
+    pending = set(futures)
+    try:
+        while pending:
+            # a timeout keeps the main thread responsive to signals between polls
+            done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+            for fut in done:
+                slots[futures[fut]] = fut.result()
+            if done:
+                write_outputs(ctx.out, [r for r in slots if r is not None], meta)
+    except BaseException:
+        for fut in pending:
+            fut.cancel()
+        _kill_live()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,6 +10,7 @@ or one written by another transformers version) instead of building the tiny one
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -32,12 +33,15 @@ pytest.importorskip("skimage", reason="pip install scikit-image (bundled sample 
 from clip_suite.data import SPLITS  # noqa: E402
 from clip_suite.sources import find_fashion_mnist  # noqa: E402
 
-try:
-    find_fashion_mnist()
-except FileNotFoundError as exc:  # pragma: no cover - depends on the machine
-    pytest.skip(f"Fashion-MNIST missing ({exc}); apt-get install -y dataset-fashion-mnist", allow_module_level=True)
-
 NUM_TASKS = 8
+COMPARE_METHODS = ["pretrained", "individual", "statsmerging_layer"]
+
+
+def _need_fashion_mnist() -> None:
+    try:
+        find_fashion_mnist()
+    except FileNotFoundError as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"Fashion-MNIST missing ({exc}); apt-get install -y dataset-fashion-mnist")
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +49,7 @@ def suite(tmp_path_factory) -> Path:
     """Build the tiny suite once for the whole module (or reuse CLIP_SUITE_DIR)."""
     if os.environ.get("CLIP_SUITE_DIR"):
         return Path(os.environ["CLIP_SUITE_DIR"])
+    _need_fashion_mnist()
     out = tmp_path_factory.mktemp("clip_suite") / "tiny"
     cmd = [sys.executable, str(BENCH / "build_clip_suite.py"), "--out", str(out), "--size", "tiny", "--seed", "0"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -71,6 +76,9 @@ def clip(suite: Path):
 
 
 def test_all_artefacts_exist(suite: Path, tasks: dict) -> None:
+    for small in ("manifest.json", "summary.md"):  # written last, and small enough to bring back
+        assert 0 < (suite / small).stat().st_size < 64 * 1024, small
+    assert "zero-shot" in (suite / "summary.md").read_text()
     pre = suite / "pretrained"
     for f in ("config.json", "model.safetensors", "preprocessor_config.json", "tokenizer_config.json",
               "vocab.json", "merges.txt"):
@@ -206,6 +214,7 @@ def test_manifest_numbers(manifest: dict) -> None:
 
 def test_generation_is_deterministic_and_worker_independent() -> None:
     """Same seed -> same pixels, whether generated serially or in forked workers."""
+    _need_fashion_mnist()
     from clip_suite.data import build_task_split, plan_resources
     from clip_suite.pretrain_data import build_pretrain_pool
     from clip_suite.tasks import TASKS
@@ -220,3 +229,76 @@ def test_generation_is_deterministic_and_worker_independent() -> None:
     p2 = build_pretrain_pool(40, res, 3, workers=2, chunk=16)
     assert np.array_equal(p1[0], p2[0]) and p1[1] == p2[1]
     assert all(len(c) == 3 and all(isinstance(s, str) and s for s in c) for c in p1[1])
+
+
+def test_fonts_fall_back_to_matplotlib_copy(monkeypatch, tmp_path) -> None:
+    """No system fonts (the GPU machine): every DejaVu face resolves to matplotlib's bundled copy,
+    which is also the preferred source, and glyphs render from it; without any copy, Pillow's
+    built-in font still renders."""
+    from clip_suite import render as R
+
+    mpl = R.matplotlib_font_dir()
+    assert mpl is not None
+    monkeypatch.setattr(R, "SYSTEM_FONT_DIRS", [str(tmp_path / "no_fonts_here")])
+    R.set_font_dir(None)  # clears the resolution caches
+    try:
+        assert R.available_fonts() == list(R.FONT_NAMES)
+        assert all(Path(p).parent == mpl for p in R.font_sources().values())
+        ink = R.glyph_layer("7", "DejaVuSans-Bold.ttf", 32, 0.8, 0.0, 0.5, 0.5)
+        assert np.asarray(ink).max() > 0
+        monkeypatch.setattr(R, "matplotlib_font_dir", lambda: None)
+        R.set_font_dir(None)
+        assert R.available_fonts() == [] and R.font_sources()["DejaVuSans.ttf"] is None
+        assert np.asarray(R.glyph_layer("7", "DejaVuSans-Bold.ttf", 32, 0.8, 0.0, 0.5, 0.5)).max() > 0
+    finally:
+        monkeypatch.undo()
+        R.set_font_dir(None)
+
+
+def test_step_budget_fits_steps_into_the_allowance() -> None:
+    from clip_suite.train import StepBudget
+
+    now = [0.0]
+    clock = lambda: now[0]  # noqa: E731 - each step takes 0.5 s of this fake clock
+    b = StepBudget(1000, seconds=50.0, skip=2, calibrate=4, safety=1.0, clock=clock)
+    step = 0
+    while step < b.total:
+        now[0] += 0.5
+        b.step_done(step)
+        step += 1
+    assert b.step_seconds == pytest.approx(0.5)
+    assert step == b.total == 100 and b.info()["planned_steps"] == 1000
+    unlimited = StepBudget(7)
+    for i in range(7):
+        unlimited.step_done(i)
+    assert unlimited.total == 7 and unlimited.info()["step_seconds"] is None
+
+
+def test_compare_runs_on_the_built_suite(suite: Path, tmp_path) -> None:
+    """The comparison command over the builder's own output (not the test fixture)."""
+    out = tmp_path / "compare"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "fusion_bench_statsmerging.compare", "--suite", str(suite), "--out", str(out),
+           "--fast", "--methods", ",".join(COMPARE_METHODS), "--jobs", "2",
+           "--extra-overrides", "fabric.accelerator=cpu", "--timeout", "600"]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    tasks = list(json.loads((suite / "tasks.json").read_text()))
+    assert sorted(result["tasks"]) == sorted(tasks)
+    rows = {r["key"]: r for r in result["rows"]}
+    assert list(rows) == COMPARE_METHODS
+    for key, row in rows.items():
+        assert row["status"] == "ok", (key, row.get("error_tail"))
+        assert set(row["accuracies"]) == set(tasks)
+        assert all(0.0 <= a <= 1.0 for a in row["accuracies"].values())
+    manifest = json.loads((suite / "manifest.json").read_text())["tasks"]
+    for t in tasks:  # the host's evaluation agrees with the builder's own
+        assert abs(rows["pretrained"]["accuracies"][t] - manifest[t]["zero_shot"]["test"]) <= 0.02, t
+        assert abs(rows["individual"]["accuracies"][t] - manifest[t]["expert"]["test"]) <= 0.02, t
+    md = (out / "results.md").read_text()
+    assert all(row["label"] in md for row in rows.values())
+    with open(out / "results.csv") as fh:
+        assert [r["key"] for r in csv.DictReader(fh)] == COMPARE_METHODS

@@ -63,7 +63,8 @@ def test_compare_runs_host_methods_and_lists_failures(tmp_path, suite_dir):
     out = tmp_path / "out"
     methods = ["pretrained", "individual", "simple_average", "task_arithmetic", *FAILING]
     args = ["--modelpool", POOL, "--taskpool", POOL, "--out", str(out), "--methods", ",".join(methods),
-            "--extra-overrides", f"hydra.searchpath=[file://{conf}] fabric.accelerator=cpu", "--timeout", "300"]
+            "--extra-overrides", f"hydra.searchpath=[file://{conf}] fabric.accelerator=cpu", "--timeout", "300",
+            "--jobs", "2"]
     for key, overrides in FAILING.items():
         args += ["--add", f"{key}={overrides}"]
     proc = _run_compare(args, tmp_path)
@@ -76,7 +77,8 @@ def test_compare_runs_host_methods_and_lists_failures(tmp_path, suite_dir):
     tasks = list(manifest)
     assert sorted(result["tasks"]) == sorted(tasks)
     rows = {r["key"]: r for r in result["rows"]}
-    assert list(rows) == methods  # failures are listed, in order, not dropped
+    assert list(rows) == methods  # failures are listed, in order, not dropped (also with --jobs 2)
+    assert result["jobs"] == 2
 
     for key in ["pretrained", "individual", "simple_average", "task_arithmetic"]:
         assert rows[key]["status"] == "ok", rows[key]
@@ -108,6 +110,7 @@ def test_compare_runs_host_methods_and_lists_failures(tmp_path, suite_dir):
     for row in rows.values():
         assert row["label"] in md
     assert "## Failures" in md and "NoSuchAlgorithm" in md and "method/no_such_method" in md
+    assert "`--jobs 2`" in md and "overlap" in md  # overlapping wall times are flagged
     assert "| Simple Average |" in proc.stdout  # the table is also printed
 
 
@@ -118,7 +121,7 @@ def test_compare_runs_statsmerging_with_package_configs(tmp_path, suite_dir):
             pytest.skip(f"package config {group}/{name} not present yet")
     out = tmp_path / "out"
     _run_compare(["--suite", str(suite_dir), "--out", str(out), "--fast", "--fast-steps", "3",
-                  "--methods", "pretrained,statsmerging_layer",
+                  "--methods", "statsmerging_layer",
                   "--set", "statsmerging_layer:method.data_fraction=0.25",
                   "--set", "statsmerging_layer:method.batch_size=8",
                   "--extra-overrides", "fabric.accelerator=cpu", "--timeout", "300"], tmp_path)
@@ -145,7 +148,8 @@ def test_overrides_fill_placeholders_but_keep_hydra_interpolations(tmp_path):
                per_method={"adamerging_layer": ["method.lr=0.1"]})
     overrides = compare.build_overrides(spec, ctx)
     assert overrides[:2] == ["modelpool=mp", "taskpool=tp"]
-    assert f"method.cache_dir={tmp_path.resolve()}/cache/adamerging" in overrides
+    run_dir = (tmp_path / "runs" / "adamerging_layer").resolve()
+    assert f"method.cache_dir={run_dir}/adamerging_cache" in overrides  # per run: runs may overlap
     assert "method.max_steps=4" in overrides and "x=${oc.env:HOME}" in overrides
     assert overrides.index("method.lr=0.1") > overrides.index("method.max_steps=4")
     assert overrides[-2] == f"path.log_dir={(tmp_path / 'runs' / 'adamerging_layer').resolve()}"
@@ -158,6 +162,28 @@ def test_protocol_follows_our_protocol_override(tmp_path):
     assert compare.row_protocol(spec, ["method.protocol=train_ground_truth"]) == compare.USES_LABELS
     assert compare.row_protocol(compare.REGISTRY["adamerging_task"], []) == compare.TEST_TIME
     assert compare.row_protocol(compare.REGISTRY["regmean"], []) == compare.TRAIN_UNLABELED
+
+
+def test_data_driven_methods_run_under_both_protocols():
+    reg, default = compare.REGISTRY, compare.DEFAULT_METHODS
+    expected = {"adamerging_task": compare.TEST_TIME, "adamerging_layer": compare.TEST_TIME,
+                "adamerging_task_train": compare.TRAIN_UNLABELED, "adamerging_layer_train": compare.TRAIN_UNLABELED,
+                "statsmerging_task": compare.TRAIN_UNLABELED, "statsmerging_layer": compare.TRAIN_UNLABELED,
+                "statsmerging_plusplus": compare.TRAIN_UNLABELED, "statsmerging_task_tta": compare.TEST_TIME,
+                "statsmerging_layer_tta": compare.TEST_TIME, "statsmerging_plusplus_tta": compare.TEST_TIME}
+    for key, protocol in expected.items():
+        assert key in default
+        assert compare.row_protocol(reg[key], reg[key].overrides) == protocol, key
+    assert "method=adamerging_train" in reg["adamerging_layer_train"].overrides
+    # the train-split AdaMerging follows an explicit protocol override like ours do
+    assert compare.row_protocol(reg["adamerging_task_train"], ["method.protocol=validation_unlabeled"]) \
+        == compare.VALIDATION_UNLABELED
+    assert compare.config_file(reg["adamerging_layer_train"], compare._config_dirs([])) is not None
+
+
+def test_jobs_must_be_positive():
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--jobs", "0"])
 
 
 def test_parse_report_merged_and_experts():

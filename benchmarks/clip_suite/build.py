@@ -6,7 +6,8 @@ Layout written under ``out``::
     experts/<task>/        CLIPVisionModel fine-tuned on <task>
     data/<task>/<split>/   datasets.Dataset.save_to_disk (image, label); split in train/validation/test
     tasks.json             {task: {classnames, templates}}
-    manifest.json          sizes, seed, versions, accuracies, timings
+    manifest.json          sizes, seed, versions, accuracies, timings (written last)
+    summary.md             the same facts in a short human-readable page (written last)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -26,11 +27,15 @@ import numpy as np
 from . import render as R
 from .config import BUILDER_VERSION, SuitePreset, get_preset
 from .data import SPLITS, build_all_tasks, default_workers, plan_resources
-from .export import save_task_data, summary_table, tasks_json, write_json
+from .export import save_all_task_data, summary_markdown, summary_table, tasks_json, write_json
 from .pretrain_data import CAPTIONS_PER_IMAGE, build_pretrain_pool, mixture
 from .tasks import TASKS, TaskSpec
 
-ARTEFACTS = ("pretrained", "experts", "data", "tasks.json", "manifest.json")
+ARTEFACTS = ("pretrained", "experts", "data", "tasks.json", "manifest.json", "summary.md")
+# With --time-budget: seconds kept for what follows the experts (saves, zero-shot heads, the
+# 8x8 cross evaluation, manifest), and the share of the training time given to pretraining.
+POST_TRAINING_RESERVE_S = 30.0
+PRETRAIN_SHARE = 0.6
 
 
 class PhaseTimer:
@@ -103,8 +108,14 @@ def build_suite(out: Path, size: str = "tiny", device: str = "auto", seed: int =
                 fashion_dir: Optional[str] = None, fonts_dir: Optional[str] = None,
                 workers: Optional[int] = None, pretrain_steps: Optional[int] = None,
                 expert_steps: Optional[int] = None, pretrain_pool: Optional[int] = None,
-                amp: bool = True, overwrite: bool = False, log: Callable[[str], None] = print) -> Dict[str, object]:
-    """Build every artefact of the suite into ``out`` and return the manifest."""
+                amp: bool = True, overwrite: bool = False, time_budget: Optional[float] = None,
+                log: Callable[[str], None] = print) -> Dict[str, object]:
+    """Build every artefact of the suite into ``out`` and return the manifest.
+
+    ``time_budget`` (seconds for the whole build): pretraining and fine-tuning then fit their
+    step counts to the time left (measured, see ``train.StepBudget``); the manifest records
+    planned and actual steps. Without it the preset's step counts run as they are.
+    """
     t_start = time.perf_counter()
     out = Path(out)
     preset = get_preset(size, pretrain_steps, expert_steps, pretrain_pool)
@@ -125,7 +136,7 @@ def build_suite(out: Path, size: str = "tiny", device: str = "auto", seed: int =
     with timer.phase("generate pretraining pool"):
         pool_imgs, pool_caps, pool_src, src_names = build_pretrain_pool(preset.pretrain_pool, res, seed, workers)
     with timer.phase("save datasets"):
-        split_counts = {t.name: save_task_data(t, task_data[t.name], out / "data") for t in tasks}
+        split_counts = save_all_task_data(tasks, task_data, out / "data", workers)
         write_json(tasks_json(tasks), out / "tasks.json")
 
     import torch
@@ -151,9 +162,19 @@ def build_suite(out: Path, size: str = "tiny", device: str = "auto", seed: int =
         lengths = lengths.reshape(n, CAPTIONS_PER_IMAGE)
         n_unique = int(cap_ids.max()) + 1
 
+    def left() -> Optional[float]:
+        """Seconds of the budget not yet spent, less the reserve for the final phases."""
+        if time_budget is None:
+            return None
+        return time_budget - (time.perf_counter() - t_start) - POST_TRAINING_RESERVE_S
+
     with timer.phase("pretrain CLIP"):
         model = new_clip_model(preset.model, seed)
-        pre_stats = pretrain_clip(model, pool_imgs, ids, lengths, cap_ids, preset.pretrain, dev, seed, use_amp)
+        allowance = None if time_budget is None else max(0.0, left() * PRETRAIN_SHARE)
+        pre_stats = pretrain_clip(model, pool_imgs, ids, lengths, cap_ids, preset.pretrain, dev, seed, use_amp,
+                                  seconds=allowance)
+        if pre_stats["steps"] < pre_stats["planned_steps"]:
+            log(f"[clip_suite] time budget: pretraining ran {pre_stats['steps']}/{pre_stats['planned_steps']} steps")
         del pool_imgs, ids
     with timer.phase("save pretrained"):
         model.to("cpu")
@@ -172,12 +193,19 @@ def build_suite(out: Path, size: str = "tiny", device: str = "auto", seed: int =
 
     experts: Dict[str, Dict[str, object]] = {}
     scale = model.logit_scale.detach().exp().item()
+    ft_cfg, ft_allowance = preset.finetune, None
+    if time_budget is not None:  # the first expert measures the step time; all get its step count
+        ft_allowance = max(0.0, left()) / len(tasks)
     with timer.phase("fine-tune experts"):
         for ti, t in enumerate(tasks):
             vm = vision_only(model)
             _, info = finetune_expert(vm, model.visual_projection, heads[t.name], scale, task_data[t.name]["train"],
-                                      task_data[t.name]["validation"], preset.finetune, dev, seed + 100 + ti,
-                                      use_amp, desc=t.name)
+                                      task_data[t.name]["validation"], ft_cfg, dev, seed + 100 + ti,
+                                      use_amp, desc=t.name, seconds=ft_allowance if ti == 0 else None)
+            if ti == 0 and ft_allowance is not None:
+                ft_cfg = replace(ft_cfg, steps=int(info["steps"]))
+                if ft_cfg.steps < preset.finetune.steps:
+                    log(f"[clip_suite] time budget: experts run {ft_cfg.steps}/{preset.finetune.steps} steps")
             info["validation"] = accuracy(vm, model.visual_projection, heads[t.name], task_data[t.name]["validation"], dev, use_amp)
             info["test"] = accuracy(vm, model.visual_projection, heads[t.name], task_data[t.name]["test"], dev, use_amp)
             save_vision_expert(vm, out / "experts" / t.name)
@@ -192,12 +220,13 @@ def build_suite(out: Path, size: str = "tiny", device: str = "auto", seed: int =
              "zs_val": zs[t.name]["validation"], "zs_test": zs[t.name]["test"],
              "ft_val": experts[t.name]["validation"], "ft_test": experts[t.name]["test"]} for t in tasks]
     manifest = assemble_manifest(preset, seed, dev.type, use_amp, tasks, split_counts, zs, experts, cross,
-                                 fonts, model_summary(preset.model, model), pre_stats,
+                                 R.font_sources(), model_summary(preset.model, model), pre_stats,
                                  {"pool_size": len(pool_caps), "captions_per_image": CAPTIONS_PER_IMAGE,
                                   "unique_captions": n_unique, "mixture": mixture(res),
                                   "source_counts": {s: int((pool_src == i).sum()) for i, s in enumerate(src_names)}},
-                                 timer.times, time.perf_counter() - t_start)
+                                 timer.times, time.perf_counter() - t_start, time_budget, ft_cfg)
     write_json(manifest, out / "manifest.json")
+    (out / "summary.md").write_text(summary_markdown(manifest, summary_table(rows)), encoding="utf-8")
     log("\n" + summary_table(rows))
     log(f"\n[clip_suite] wrote {out} in {manifest['wall_time_s']:.1f}s")
     return manifest
@@ -225,7 +254,8 @@ def cross_evaluate(out: Path, tasks: List[TaskSpec], heads: Dict[str, object], t
 
 def assemble_manifest(preset: SuitePreset, seed: int, device: str, amp: bool, tasks: List[TaskSpec],
                       split_counts, zs, experts, cross, fonts, model_info, pre_stats, pool_info,
-                      phase_times: Dict[str, float], wall: float) -> Dict[str, object]:
+                      phase_times: Dict[str, float], wall: float, time_budget: Optional[float] = None,
+                      finetune_run=None) -> Dict[str, object]:
     """All build facts in one JSON-serialisable dict."""
     per_task = {}
     for t in tasks:
@@ -236,7 +266,7 @@ def assemble_manifest(preset: SuitePreset, seed: int, device: str, amp: bool, ta
             "pretrain_named_classes": [t.classnames[i] for i in t.pretrain_named],
             "zero_shot": {k: round(v, 4) for k, v in zs[t.name].items()},
             "expert": {"validation": round(e["validation"], 4), "test": round(e["test"], 4),
-                       "best_step": e["best_step"], "best_val_acc": round(e["best_val_acc"], 4),
+                       "steps": e["steps"], "best_step": e["best_step"], "best_val_acc": round(e["best_val_acc"], 4),
                        "val_history": [[s, round(a, 4)] for s, a in e["val_history"]]},
         }
     avg = lambda xs: round(float(np.mean(xs)), 4) if xs else 0.0  # noqa: E731
@@ -248,11 +278,15 @@ def assemble_manifest(preset: SuitePreset, seed: int, device: str, amp: bool, ta
         "device": device,
         "bf16_autocast": amp,
         "versions": library_versions(),
-        "fonts": fonts,
+        "fonts": [n for n, path in fonts.items() if path],
+        "font_files": fonts,
         "splits": list(SPLITS),
         "model": model_info,
-        "pretrain": {**pool_info, "config": asdict(preset.pretrain), **{k: round(v, 4) for k, v in pre_stats.items()}},
+        "pretrain": {**pool_info, "config": asdict(preset.pretrain),
+                     **{k: round(v, 4) if isinstance(v, float) else v for k, v in pre_stats.items()}},
         "finetune": asdict(preset.finetune),
+        "finetune_steps_run": (finetune_run or preset.finetune).steps,
+        "time_budget_s": time_budget,
         "tasks": per_task,
         "averages": {
             "zero_shot_test": avg([zs[t.name]["test"] for t in tasks]),

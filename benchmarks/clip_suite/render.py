@@ -52,14 +52,16 @@ SHAPES: Tuple[str, ...] = (
     "hexagon", "ring", "pentagon", "arrow", "heart", "octagon",
 )
 
-# Font file names present both in Debian's fonts-dejavu and in matplotlib's bundled copy,
-# so the GPU machine (no Debian fonts) renders the same glyphs.
+# Font file names present both in Debian's fonts-dejavu and in matplotlib's bundled copy.
+# matplotlib's copy is preferred: it is there wherever the builder's dependencies are (the GPU
+# machine has no system fonts), and Debian's files differ from it byte for byte.
 FONT_NAMES: Tuple[str, ...] = (
     "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf",
     "DejaVuSans-BoldOblique.ttf", "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf",
     "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf",
     "DejaVuSerif-BoldItalic.ttf",
 )
+SYSTEM_FONT_DIRS: List[str] = ["/usr/share/fonts/truetype/dejavu"]
 
 _FONT_DIR_OVERRIDE: List[str] = []
 
@@ -69,19 +71,32 @@ def set_font_dir(path: Optional[str]) -> None:
     _FONT_DIR_OVERRIDE.clear()
     if path:
         _FONT_DIR_OVERRIDE.append(str(path))
+    font_path.cache_clear()
+    load_font.cache_clear()
+
+
+def matplotlib_font_dir() -> Optional[Path]:
+    """matplotlib's bundled TrueType folder (DejaVu included), or None without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    return Path(os.path.dirname(matplotlib.__file__)) / "mpl-data" / "fonts" / "ttf"
 
 
 def _font_dirs() -> List[Path]:
-    """Candidate folders for the DejaVu fonts, most authoritative first."""
+    """Candidate folders for the DejaVu fonts: --fonts-dir, matplotlib's copy, the system's."""
     dirs = [Path(p) for p in _FONT_DIR_OVERRIDE]
-    dirs.append(Path("/usr/share/fonts/truetype/dejavu"))
-    try:
-        import matplotlib
-
-        dirs.append(Path(os.path.dirname(matplotlib.__file__)) / "mpl-data" / "fonts" / "ttf")
-    except ImportError:
-        pass
+    mpl = matplotlib_font_dir()
+    if mpl is not None:
+        dirs.append(mpl)
+    dirs += [Path(p) for p in SYSTEM_FONT_DIRS]
     return dirs
+
+
+def font_sources(names: Sequence[str] = FONT_NAMES) -> Dict[str, Optional[str]]:
+    """Which file each font resolved to (None: Pillow's built-in font), for the manifest."""
+    return {n: font_path(n) for n in names}
 
 
 @lru_cache(maxsize=None)

@@ -7,9 +7,10 @@ never starved by a Python data loader; every random draw comes from a seeded tor
 from __future__ import annotations
 
 import math
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -59,6 +60,52 @@ def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.05) -> fl
         return (step + 1) / max(1, warmup)
     t = (step - warmup) / max(1, total - warmup)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+class StepBudget:
+    """Fits a loop's step count into a wall-clock allowance.
+
+    Without ``seconds`` the loop runs ``planned`` steps. With it, steps ``skip`` to
+    ``skip + calibrate`` are timed (the first ones pay for CUDA start-up and kernel selection)
+    and the total becomes ``min(planned, steps that fit in what is left of the allowance)``,
+    with a safety factor for periodic evaluations. Loops read ``total`` at every step, so a
+    learning-rate schedule built on it shrinks with it and still decays to its floor.
+    """
+
+    def __init__(self, planned: int, seconds: Optional[float] = None, skip: int = 5, calibrate: int = 20,
+                 sync: Callable[[], None] = lambda: None, safety: float = 0.92,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.planned = self.total = int(planned)
+        self.seconds, self.skip, self.calibrate, self.sync, self.safety = seconds, skip, calibrate, sync, safety
+        self.clock = clock
+        self.start = clock()
+        self.t0: Optional[float] = None
+        self.step_seconds: Optional[float] = None
+
+    def step_done(self, step: int) -> None:
+        """Call after step ``step`` (0-based) finished."""
+        if self.seconds is None or self.step_seconds is not None:
+            return
+        done = step + 1
+        if done == self.skip:
+            self.sync()
+            self.t0 = self.clock()
+        elif self.t0 is not None and done == self.skip + self.calibrate:
+            self.sync()
+            now = self.clock()
+            self.step_seconds = (now - self.t0) / self.calibrate
+            left = self.seconds * self.safety - (now - self.start)
+            self.total = max(done + 1, min(self.planned, done + int(max(0.0, left) / self.step_seconds)))
+
+    def info(self) -> Dict[str, object]:
+        """For the manifest: what was planned, what ran, and the measured step time."""
+        return {"planned_steps": self.planned, "steps": self.total, "allowance_s": self.seconds,
+                "step_seconds": None if self.step_seconds is None else round(self.step_seconds, 5)}
+
+
+def device_sync(device: torch.device) -> Callable[[], None]:
+    """A function that waits for queued kernels (timing on CUDA needs it)."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
 def random_affine(x: torch.Tensor, gen: torch.Generator, max_shift: float, min_scale: float) -> torch.Tensor:
@@ -122,8 +169,11 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, 
 
 def pretrain_clip(model, images: np.ndarray, token_ids: np.ndarray, lengths: np.ndarray,
                   caption_ids: np.ndarray, cfg: PretrainConfig, device: torch.device, seed: int,
-                  amp: bool = True) -> Dict[str, float]:
-    """CLIP/InfoNCE pretraining of all parameters on the (image, K captions) pool."""
+                  amp: bool = True, seconds: Optional[float] = None) -> Dict[str, object]:
+    """CLIP/InfoNCE pretraining of all parameters on the (image, K captions) pool.
+
+    ``seconds``: wall-clock allowance; the step count is then fitted to it (``StepBudget``).
+    """
     model.to(device).train()
     n, k = token_ids.shape[:2]
     # One fixed text length for the whole run: no per-step host sync to find the batch maximum.
@@ -136,10 +186,12 @@ def pretrain_clip(model, images: np.ndarray, token_ids: np.ndarray, lengths: np.
     gen = torch.Generator(device=device).manual_seed(seed)
     sampler = EpochSampler(n, min(cfg.batch_size, n), gen, device)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps))
+    budget = StepBudget(cfg.steps, seconds, sync=device_sync(device))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup, budget.total))
     ema_loss, ema_acc = None, None
-    bar = tqdm(range(cfg.steps), desc="pretrain", dynamic_ncols=True, mininterval=2.0)
-    for step in bar:
+    bar = tqdm(total=cfg.steps, desc="pretrain", dynamic_ncols=True, mininterval=2.0)
+    step = 0
+    while step < budget.total:
         idx = sampler.next()
         pick = torch.randint(k, (idx.numel(),), generator=gen, device=device)
         tok = ids[idx, pick].long()
@@ -156,14 +208,19 @@ def pretrain_clip(model, images: np.ndarray, token_ids: np.ndarray, lengths: np.
         sched.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        if step % 10 == 0 or step == cfg.steps - 1:
+        if step % 10 == 0 or step == budget.total - 1:
             lv, av = float(loss.detach()), float(acc)
             ema_loss = lv if ema_loss is None else 0.9 * ema_loss + 0.1 * lv
             ema_acc = av if ema_acc is None else 0.9 * ema_acc + 0.1 * av
             bar.set_postfix(loss=f"{ema_loss:.3f}", acc=f"{ema_acc:.2f}", T=f"{model.logit_scale.detach().exp().item():.0f}")
+        budget.step_done(step)
+        bar.total = budget.total
+        bar.update(1)
+        step += 1
+    bar.close()
     model.eval()
     return {"final_loss": float(ema_loss or 0.0), "final_batch_acc": float(ema_acc or 0.0),
-            "logit_scale": model.logit_scale.detach().exp().item()}
+            "logit_scale": model.logit_scale.detach().exp().item(), **budget.info()}
 
 
 @torch.no_grad()
@@ -192,8 +249,12 @@ def accuracy(vision_module, projection, head: torch.Tensor, data: Tuple[np.ndarr
 def finetune_expert(vision_model, projection, head: torch.Tensor, scale: float,
                     train: Tuple[np.ndarray, np.ndarray], val: Tuple[np.ndarray, np.ndarray],
                     cfg: FinetuneConfig, device: torch.device, seed: int, amp: bool = True,
-                    desc: str = "expert") -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
-    """Fine-tune ``vision_model`` (a CLIPVisionModel) with a frozen head; keep the best-on-validation state."""
+                    desc: str = "expert", seconds: Optional[float] = None
+                    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
+    """Fine-tune ``vision_model`` (a CLIPVisionModel) with a frozen head; keep the best-on-validation state.
+
+    ``seconds``: wall-clock allowance; the step count is then fitted to it (``StepBudget``).
+    """
     vision_model.to(device)
     projection.to(device).requires_grad_(False)
     head = head.to(device)
@@ -202,7 +263,8 @@ def finetune_expert(vision_model, projection, head: torch.Tensor, scale: float,
     gen = torch.Generator(device=device).manual_seed(seed)
     sampler = EpochSampler(len(labels), min(cfg.batch_size, len(labels)), gen, device)
     opt = torch.optim.AdamW(param_groups(vision_model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps))
+    budget = StepBudget(cfg.steps, seconds, sync=device_sync(device))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup, budget.total))
 
     def snapshot() -> Dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", copy=True) for k, v in vision_model.state_dict().items()}
@@ -210,8 +272,9 @@ def finetune_expert(vision_model, projection, head: torch.Tensor, scale: float,
     # Step 0 (the zero-shot model) is logged but not selectable: an expert must be fine-tuned.
     history = [(0, accuracy(vision_model, projection, head, val, device, amp))]
     best_acc, best_state, best_step = -1.0, snapshot(), 0
-    bar = tqdm(range(cfg.steps), desc=desc, dynamic_ncols=True, mininterval=2.0, leave=False)
-    for step in bar:
+    bar = tqdm(total=cfg.steps, desc=desc, dynamic_ncols=True, mininterval=2.0, leave=False)
+    step = 0
+    while step < budget.total:
         vision_model.train()
         idx = sampler.next()
         x = random_affine(normalize_pixels(imgs[idx]), gen, cfg.max_shift, cfg.min_scale)
@@ -223,12 +286,17 @@ def finetune_expert(vision_model, projection, head: torch.Tensor, scale: float,
         torch.nn.utils.clip_grad_norm_(vision_model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+        budget.step_done(step)
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == budget.total:
             acc = accuracy(vision_model, projection, head, val, device, amp)
             history.append((step + 1, acc))
             if acc > best_acc:
                 best_acc, best_state, best_step = acc, snapshot(), step + 1
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", val=f"{acc:.3f}", best=f"{best_acc:.3f}")
+        bar.total = budget.total
+        bar.update(1)
+        step += 1
+    bar.close()
     vision_model.load_state_dict(best_state)
     vision_model.eval()
-    return best_state, {"best_val_acc": best_acc, "best_step": best_step, "val_history": history}
+    return best_state, {"best_val_acc": best_acc, "best_step": best_step, "val_history": history, **budget.info()}
