@@ -781,7 +781,7 @@ def build_context(args: argparse.Namespace) -> Context:
         key, override = _key_value(s, ":", "KEY:OVERRIDE")
         per_method.setdefault(key, []).append(override)
     extra = [o for chunk in args.extra_overrides for o in shlex.split(chunk)]
-    return Context(out=args.out, modelpool=args.modelpool, taskpool=args.taskpool, extra_overrides=extra,
+    return Context(out=args.out.resolve(), modelpool=args.modelpool, taskpool=args.taskpool, extra_overrides=extra,
                    per_method=per_method, env=env, timeout=args.timeout, fast=args.fast,
                    fast_steps=args.fast_steps, jobs=args.jobs)
 

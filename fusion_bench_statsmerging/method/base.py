@@ -44,6 +44,7 @@ EVALUATING_TASKPOOL = {
     "clip-vit-base-patch32_TALL20": "clip-vit-classification_TALL20",
     "clip_suite": "clip_suite",
     "clip_suite_hetero": "clip_suite",
+    "heads_suite": "heads_suite",
     "clip-vit-base-patch32_TA8_hetero": "clip-vit-classification_TA8",
     **{pool: "flan-t5_glue_text_generation" for pool in (
         "flan-t5-base_glue", "flan-t5-base_glue_lora16", "flan-t5-large_glue_lora16",

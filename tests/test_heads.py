@@ -1,0 +1,340 @@
+"""Shared backbone + one head per task: tiny CNN (BatchNorm) and tiny BERT-style suites.
+
+Merges run through the fusion_bench CLI (ours and the host's baselines), fitting never reads
+a label nor the test split, only the coefficients are optimised, heads stay frozen, and the
+BatchNorm options do what they say.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from fusion_bench_statsmerging.heads import (
+    BatchNormMerger, HeadsBackbone, HeadsSuiteError, PerTaskHeadsModel, PerTaskHeadsModelPool,
+    PerTaskHeadsTaskPool, batchnorm_layers, batchnorm_with_stats, load_head, reestimate_batchnorm, running_stats,
+)
+from fusion_bench_statsmerging.heads_fixtures import build_tiny_cnn_suite, build_tiny_text_suite
+from fusion_bench_statsmerging.method.base import PoolError
+from fusion_bench_statsmerging.method.statsmerging.heads_statsmerging import (
+    HeadsSAMergingAlgorithm, HeadsStatsMergingAlgorithm,
+)
+
+from conftest import REPO_ROOT
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: intra-op threads only spin on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cnn_suite(tmp_path_factory) -> Path:
+    return build_tiny_cnn_suite(tmp_path_factory.mktemp("heads_cnn"))
+
+
+@pytest.fixture(scope="module")
+def text_suite(tmp_path_factory) -> Path:
+    return build_tiny_text_suite(tmp_path_factory.mktemp("heads_text"))
+
+
+@pytest.fixture
+def fabric():
+    return L.Fabric(accelerator="cpu", devices=1)
+
+
+def make(tmp_path, fabric, cls=HeadsStatsMergingAlgorithm, **overrides):
+    config = dict(max_steps=4, data_fraction=0.25, batch_size=8, artifact_dir=str(tmp_path / "artifacts"),
+                  log_every=1)
+    if cls is HeadsSAMergingAlgorithm:
+        config.update(num_batches_per_task=3, epochs=None)
+    config.update(overrides)
+    algorithm = cls(**config)
+    algorithm.fabric = fabric
+    return algorithm
+
+
+def accuracy(report):
+    return {k: round(v["accuracy"], 3) for k, v in report.items() if isinstance(v, dict) and "accuracy" in v}
+
+
+# --------------------------------------------------------------------------- CLI
+def test_cli_merges_cnn_and_text_pools_ours_and_the_hosts(tmp_path, cnn_suite, text_suite):
+    """One interpreter runs the fusion_bench console script's entry point once per command line."""
+    common = ["taskpool=heads_suite", "fabric.accelerator=cpu"]
+    ours = ["method.max_steps=4", "method.batch_size=8", "method.data_fraction=0.25"]
+    runs = {
+        "cnn_statsmerging": ["method=statsmerging_heads", "modelpool=heads_suite", *ours],
+        "text_statsmerging": ["method=statsmerging_heads", "modelpool=heads_suite", *ours],
+        "cnn_task_arithmetic": ["method=task_arithmetic", "modelpool=heads_suite"],
+        "cnn_ties_merging": ["method=ties_merging", "modelpool=heads_suite"],
+        "text_simple_average": ["method=simple_average", "modelpool=heads_suite"],
+    }
+    commands = []
+    for key, args in runs.items():
+        suite = cnn_suite if key.startswith("cnn") else text_suite
+        commands.append([*args, *common, f"modelpool.suite_dir={suite}", f"path.log_dir={tmp_path / key}"])
+    driver = (
+        "import json, sys\n"
+        "from hydra.core.global_hydra import GlobalHydra\n"
+        "from fusion_bench.scripts.cli import _hydra_main  # what the `fusion_bench` script runs\n"
+        "for args in json.loads(sys.argv[1]):\n"
+        "    sys.argv = ['fusion_bench', *args]\n"
+        "    try:\n"
+        "        _hydra_main()\n"
+        "    except SystemExit as e:\n"
+        "        print('EXIT', e.code, args)\n"
+        "    GlobalHydra.instance().clear()\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false", HF_HOME=str(tmp_path / "hf_home"))
+    proc = subprocess.run([sys.executable, "-c", driver, json.dumps(commands)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    log = proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, log
+    for key in runs:
+        report_path = tmp_path / key / "program_report.json"
+        assert report_path.is_file(), f"{key} wrote no report\n{log}"
+        report = json.loads(report_path.read_text())
+        tasks = json.loads(((cnn_suite if key.startswith("cnn") else text_suite) / "tasks.json").read_text())
+        for task in tasks:
+            assert 0.0 <= report[task]["accuracy"] <= 1.0
+        mean = sum(report[t]["accuracy"] for t in tasks) / len(tasks)
+        assert abs(report["average"]["accuracy"] - mean) < 1e-9
+        print(key, accuracy(report))
+    ours_report = json.loads((tmp_path / "cnn_statsmerging" / "statsmerging_report.json").read_text())
+    assert ours_report["protocol"]["name"] == "train_unlabeled"
+    assert ours_report["batchnorm"]["mode"] == "reestimate" and ours_report["batchnorm"]["split"] == "train"
+    text_report = json.loads((tmp_path / "text_statsmerging" / "statsmerging_report.json").read_text())
+    assert text_report["batchnorm"]["layers"] == 0  # BERT: LayerNorm only, nothing to do
+    # task vectors over the backbone only: no head tensor among the merged ones
+    csv = (tmp_path / "cnn_statsmerging" / "coefficients.csv").read_text()
+    assert "model.features.0.weight" in csv and "head" not in csv
+
+
+# --------------------------------------------------------------------------- honesty
+class LabelTrap(torch.utils.data.Dataset):
+    """Rows whose label raises when read."""
+
+    def __init__(self, base, column):
+        self.base, self.column = base, column
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        value = self.base[i][self.column]
+
+        class Row(dict):
+            def __getitem__(self, key):
+                if key == "label":
+                    raise AssertionError("a ground-truth label was read")
+                return super().__getitem__(key)
+
+        return Row({self.column: value})
+
+
+@pytest.mark.parametrize("kind", ["cnn", "text"])
+def test_fitting_reads_no_label_and_no_test_split(tmp_path, fabric, monkeypatch, kind, request):
+    suite = request.getfixturevalue(f"{kind}_suite")
+    pool = PerTaskHeadsModelPool(suite_dir=str(suite))
+    real = pool.load_train_dataset
+    monkeypatch.setattr(pool, "load_train_dataset", lambda name: LabelTrap(real(name), pool.input_column))
+    monkeypatch.setattr(pool, "load_test_dataset", lambda name: pytest.fail("test split was read"))
+    monkeypatch.setattr(pool, "load_val_dataset", lambda name: pytest.fail("validation split was read"))
+    make(tmp_path, fabric, max_steps=2).run(pool)
+    report = json.loads((tmp_path / "artifacts" / "statsmerging_report.json").read_text())
+    assert report["protocol"]["uses_ground_truth_labels"] is False
+    with pytest.raises(AssertionError, match="ground-truth label was read"):  # the trap is real
+        make(tmp_path / "gt", fabric, max_steps=1, protocol="train_ground_truth").run(pool)
+
+
+@pytest.mark.parametrize("cls", [HeadsStatsMergingAlgorithm, HeadsSAMergingAlgorithm])
+def test_only_coefficients_train_and_heads_stay_frozen(tmp_path, fabric, cnn_suite, monkeypatch, cls):
+    pool = PerTaskHeadsModelPool(suite_dir=str(cnn_suite))
+    algorithm = make(tmp_path, fabric, cls, max_steps=3)
+    seen = {}
+    original = algorithm.make_optimizer
+    monkeypatch.setattr(algorithm, "make_optimizer", lambda params: original(seen.setdefault("p", list(params))))
+    on_disk = {t: load_file(str(cnn_suite / "experts" / t / "model.safetensors")) for t in pool.model_names}
+    merged = algorithm.run(pool)
+
+    optimised = {id(p) for p in seen["p"]}
+    assert not optimised & {id(p) for p in algorithm._heads.parameters()}, "a head was optimised"
+    assert all(p.requires_grad for p in seen["p"])
+    if cls is HeadsSAMergingAlgorithm:  # free coefficients: the (K, L) tensor is all there is
+        assert len(seen["p"]) == 1 and seen["p"][0].shape[0] == len(pool.model_names)
+    assert isinstance(merged, PerTaskHeadsModel)
+    for task in pool.model_names:
+        head = merged.heads[task]
+        assert not any(p.requires_grad for p in head.parameters())
+        fresh = load_head(cnn_suite / "experts" / task / "head.safetensors")
+        torch.testing.assert_close(head.weight.cpu(), fresh.weight)
+        torch.testing.assert_close(head.bias.cpu(), fresh.bias)
+        now = load_file(str(cnn_suite / "experts" / task / "model.safetensors"))
+        assert all(torch.equal(on_disk[task][k], now[k]) for k in now)
+    assert not any(p.requires_grad for p in merged.backbone.parameters())
+
+
+# --------------------------------------------------------------------------- BatchNorm
+def test_reestimate_gives_the_data_statistics():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(3)
+    data = torch.randn(64, 3) * torch.tensor([1.0, 2.0, 3.0]) + torch.tensor([5.0, -1.0, 0.0])
+    model = HeadsBackbone(nn.Sequential(bn), "image").eval()
+    seen = reestimate_batchnorm(model, [data[i:i + 16] for i in range(0, 64, 16)])
+    assert seen == 64 and not bn.training
+    torch.testing.assert_close(bn.running_mean, data.mean(0))
+    per_batch_var = torch.stack([data[i:i + 16].var(0) for i in range(0, 64, 16)]).mean(0)
+    torch.testing.assert_close(bn.running_var, per_batch_var)
+
+
+def test_merged_statistics_follow_the_layers_coefficients_differentiably():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)).eval()
+    pre = running_stats(net)
+    experts = [{k: v + (i + 1) for k, v in pre.items()} for i in range(2)]
+    names = [n for n, p in net.named_parameters()]  # 0.weight 0.bias 1.weight 1.bias
+    merger = BatchNormMerger(pre, experts, names)
+    coef = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]], requires_grad=True)
+    merged = merger.merged(coef)
+    expected = pre["1.running_mean"] + 0.3 * 1 + 0.7 * 2  # column of "1.weight"
+    torch.testing.assert_close(merged["1.running_mean"], expected.detach())
+    with batchnorm_with_stats(net, merged):
+        out = net(torch.randn(4, 2))
+    out.sum().backward()
+    assert coef.grad[:, 2].abs().sum() > 0  # gradient reaches the BatchNorm layer's column
+    assert torch.equal(net[1].running_mean, pre["1.running_mean"])  # buffers untouched
+
+
+def test_batchnorm_modes_on_the_cnn_pool(tmp_path, fabric, cnn_suite):
+    """All three modes run; the result's statistics are what each mode promises. Accuracies printed."""
+    pool = PerTaskHeadsModelPool(suite_dir=str(cnn_suite))
+    taskpool = PerTaskHeadsTaskPool(suite_dir=str(cnn_suite))
+    taskpool.fabric = fabric
+    pretrained = running_stats(pool.load_pretrained_model())
+    results = {}
+    for mode in ["reestimate", "merge", "pretrained"]:
+        algorithm = make(tmp_path / mode, fabric, batchnorm=mode, max_steps=20, data_fraction=0.5, lr=1e-2,
+                         lr_step_size=None)
+        merged = algorithm.run(pool)
+        stats = running_stats(merged.backbone)
+        if mode == "pretrained":
+            assert all(torch.equal(stats[k], pretrained[k]) for k in stats)
+        elif mode == "merge":
+            coef = torch.load(tmp_path / mode / "artifacts" / "coefficients.pt")
+            experts = [running_stats(pool.load_model(t)) for t in pool.model_names]
+            names = [n for n, p in pool.load_pretrained_model().named_parameters()]
+            expected = BatchNormMerger(pretrained, experts, names).merged(coef)
+            for k in stats:
+                torch.testing.assert_close(stats[k], expected[k])
+        else:
+            assert not torch.allclose(stats["model.features.1.running_mean"],
+                                      pretrained["model.features.1.running_mean"])
+        report = json.loads((tmp_path / mode / "artifacts" / "statsmerging_report.json").read_text())
+        assert report["batchnorm"]["mode"] == mode
+        results[mode] = taskpool.evaluate(merged)["average"]["accuracy"]
+    print("average accuracy by batchnorm mode:", results)
+
+
+def test_engines_agree_with_merged_batchnorm(tmp_path, fabric, cnn_suite):
+    pool = PerTaskHeadsModelPool(suite_dir=str(cnn_suite))
+    coefficients = {}
+    for engine in ["host", "fused"]:
+        make(tmp_path / engine, fabric, merge_engine=engine, batchnorm="merge", max_steps=3).run(pool)
+        coefficients[engine] = torch.load(tmp_path / engine / "artifacts" / "coefficients.pt")
+    torch.testing.assert_close(coefficients["fused"], coefficients["host"], atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- pools
+def test_taskpool_attaches_heads_and_reestimates_on_a_copy(tmp_path, fabric, cnn_suite):
+    pool = PerTaskHeadsModelPool(suite_dir=str(cnn_suite))
+    taskpool = PerTaskHeadsTaskPool(suite_dir=str(cnn_suite))
+    taskpool.fabric = fabric
+    task = pool.model_names[0]
+    expert = pool.load_model(task)
+    bare = taskpool.evaluate(expert)  # heads from the suite
+    assert bare[task]["accuracy"] == 1.0  # the expert with its own head
+    swapped = PerTaskHeadsModel(expert, {t: pool.load_head(pool.model_names[1]) if t == task else pool.load_head(t)
+                                         for t in pool.model_names})
+    assert taskpool.evaluate(swapped)[task]["accuracy"] < 1.0  # the model's own heads are used
+    before = running_stats(expert)
+    reest = PerTaskHeadsTaskPool(suite_dir=str(cnn_suite), batchnorm_reestimate=True, reestimate_samples=32)
+    reest.fabric = fabric
+    report = reest.evaluate(expert)
+    assert report["batchnorm"]["samples"] == 32 * len(pool.model_names)
+    assert all(torch.equal(before[k], v) for k, v in running_stats(expert).items())  # the model is not modified
+
+
+def test_save_model_round_trips_in_the_suite_layout(tmp_path, cnn_suite, text_suite):
+    for suite in [cnn_suite, text_suite]:
+        pool = PerTaskHeadsModelPool(suite_dir=str(suite))
+        backbone = pool.load_model(pool.model_names[0])
+        model = PerTaskHeadsModel(backbone, pool.load_heads())
+        pool.save_model(model, str(tmp_path / suite.name))
+        again = pool.suite.load_backbone(tmp_path / suite.name)
+        for (k, v), (k2, v2) in zip(backbone.state_dict().items(), again.state_dict().items()):
+            assert k == k2 and torch.equal(v, v2)
+        assert (tmp_path / suite.name / "heads" / f"{pool.model_names[0]}.safetensors").is_file()
+
+
+def test_batch_counters_are_float_so_host_merges_accept_them(cnn_suite):
+    backbone = PerTaskHeadsModelPool(suite_dir=str(cnn_suite)).load_pretrained_model()
+    counters = [m.num_batches_tracked for m in batchnorm_layers(backbone).values()]
+    assert counters and all(c.dtype == torch.float32 for c in counters)
+
+
+def test_errors_say_what_to_change(tmp_path, fabric, cnn_suite):
+    from fusion_bench import BaseModelPool
+
+    plain = BaseModelPool({"_pretrained_": nn.Linear(2, 2), "a": nn.Linear(2, 2), "b": nn.Linear(2, 2)})
+    with pytest.raises(PoolError, match="not a per-task-head pool"):
+        make(tmp_path, fabric).run(plain)
+    with pytest.raises(ValueError, match="Unknown batchnorm 'average'"):
+        make(tmp_path, fabric, batchnorm="average")
+    with pytest.raises(HeadsSuiteError, match="suite.json and tasks.json"):
+        PerTaskHeadsModelPool(suite_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(HeadsSuiteError, match="not in the suite"):
+        PerTaskHeadsModelPool(suite_dir=str(cnn_suite), tasks=["tiny_colors", "nope"])
+
+
+def test_mobilenet_v2_features_has_torchvisions_layout():
+    """The pure-PyTorch MobileNetV2 takes torchvision's state dict (classifier dropped) key for key."""
+    from fusion_bench_statsmerging.backbones import MobileNetV2Features
+
+    net = MobileNetV2Features()
+    state = net.state_dict()
+    assert len(state) == 314 - 2  # torchvision's mobilenet_v2 state dict without classifier.1.{weight,bias}
+    assert sum(p.numel() for p in net.parameters()) == 3_504_872 - 1_281_000
+    for key in ["features.0.0.weight", "features.1.conv.0.0.weight", "features.1.conv.1.weight",
+                "features.2.conv.0.1.running_var", "features.17.conv.3.num_batches_tracked", "features.18.1.bias"]:
+        assert key in state
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 1280)
+
+
+def test_real_vision_builder_splits_offline(tmp_path):
+    """The MobileNetV2 suite builder's local sources (no download): sizes, labels, image modes."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("skimage")
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks" / "real_suites"))
+    import build_vision
+
+    scale = build_vision.SCALES["tiny"]
+    for task, mode in [("digits", "L"), ("scenes", "RGB")]:
+        splits = build_vision.make_splits(task, scale, 0, tmp_path, build_vision.FASHION_DIR)
+        assert {s: len(d) for s, d in splits.items()} == {"train": scale["train"], "validation": scale["validation"],
+                                                           "test": scale["test"]}
+        labels = splits["train"]["label"]
+        assert set(labels) == set(range(len(build_vision.TASKS[task][0])))
+        assert splits["test"][0]["image"].mode == mode
