@@ -764,6 +764,7 @@ def select_specs(args: argparse.Namespace, registry: Mapping[str, MethodSpec]) -
     """The specs to run, in the order asked; unknown keys are a usage error listing the known ones."""
     if args.methods:
         keys = [k.strip() for k in args.methods.split(",") if k.strip()]
+        keys += [k for k in registry if k not in REGISTRY and k not in keys]  # rows from --add always run
     else:
         keys = [k for k in DEFAULT_METHODS if k in registry] + [k for k in registry if k not in REGISTRY]
     unknown = [k for k in keys if k not in registry]

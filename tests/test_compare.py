@@ -214,6 +214,13 @@ def test_unknown_method_is_a_usage_error():
         compare.select_specs(args, compare.REGISTRY)
 
 
+def test_added_rows_run_beside_a_method_list():
+    args = compare.parse_args(["--methods", "pretrained", "--add", "ta05=method=task_arithmetic method.scaling_factor=0.5"])
+    registry = {**compare.REGISTRY,
+                "ta05": compare.MethodSpec("ta05", "ta05", ("method=task_arithmetic",), compare.CUSTOM)}
+    assert [s.key for s in compare.select_specs(args, registry)] == ["pretrained", "ta05"]
+
+
 def test_outputs_from_rows(tmp_path):
     rows = [{"key": "x", "label": "X | y", "protocol": compare.NO_DATA, "status": "ok", "error": None,
              "accuracies": {"t1": 0.5, "t2": 0.25}, "average": 0.375, "wall_time_s": 1.5,
