@@ -80,6 +80,11 @@ def plan_groups(names: Sequence[str], params: Dict[str, Tensor]) -> List[TensorG
     ]
 
 
+def _shaped(group: TensorGroup, rows: Tensor) -> Dict[str, Tensor]:
+    """A group's (n, numel) tensor as name -> view in each member's shape (one ``unbind``)."""
+    return {name: row.view(shape) for name, shape, row in zip(group.names, group.shapes, rows.unbind(0))}
+
+
 def resolve_dtype(dtype: DTypeLike) -> Optional[torch.dtype]:
     """Accept ``torch.bfloat16`` or ``"bfloat16"`` (configs hold strings)."""
     if dtype is None or isinstance(dtype, torch.dtype):
@@ -238,32 +243,29 @@ class FusedLayerWiseEngine(nn.Module):
             raise IndexError(f"expert index {k} out of range for {self.num_models} experts")
         views: Dict[str, Tensor] = {}
         for group, _, tv, _ in self.group_buffers():
-            for j, (name, shape) in enumerate(zip(group.names, group.shapes)):
-                views[name] = tv[j, k].view(shape)
+            views.update(_shaped(group, tv[:, k]))
         return {name: views[name] for name in self.param_names}
 
     def pretrained_tensors(self) -> Dict[str, Tensor]:
         """The pretrained weights as views of ``base`` (valid even after :meth:`merge_and_unload`)."""
         views: Dict[str, Tensor] = {}
         for group, base, _, _ in self.group_buffers():
-            for j, (name, shape) in enumerate(zip(group.names, group.shapes)):
-                views[name] = base[j].view(shape)
+            views.update(_shaped(group, base))
         return {name: views[name] for name in self.param_names}
 
     def merge(self, coefficients: Tensor) -> Dict[str, Tensor]:
         """Merged tensors (name -> view of its group's result), differentiable in ``coefficients``."""
-        expected = (self.num_models, len(self.param_names))
-        if tuple(coefficients.shape) != expected:
-            raise ValueError(f"coefficients must have shape (num_models, num_tensors) = {expected}, "
-                             f"got {tuple(coefficients.shape)}.")
         merged: Dict[str, Tensor] = {}
         for group, result in self._merge_groups(coefficients):
-            for name, shape, row in zip(group.names, group.shapes, result.unbind(0)):
-                merged[name] = row.view(shape)
+            merged.update(_shaped(group, result))
         return merged
 
     def _merge_groups(self, coefficients: Tensor) -> List[Tuple[TensorGroup, Tensor]]:
         """One (n, numel) merged tensor per group: pretrained + sum_k coef[k, l] * tau_k[l]."""
+        expected = (self.num_models, len(self.param_names))
+        if tuple(coefficients.shape) != expected:
+            raise ValueError(f"coefficients must have shape (num_models, num_tensors) = {expected}, "
+                             f"got {tuple(coefficients.shape)}.")
         columns = coefficients.to(self.device).t()  # (L, K)
         out = []
         with _no_autocast(self.device):
@@ -286,8 +288,7 @@ class FusedLayerWiseEngine(nn.Module):
             leaf = result.detach().requires_grad_(True)
             outputs.append(result)
             leaves.append(leaf)
-            for name, shape, row in zip(group.names, group.shapes, leaf.unbind(0)):
-                merged[name] = row.view(shape)
+            merged.update(_shaped(group, leaf))
         self._merged = merged
 
         def finish() -> None:
