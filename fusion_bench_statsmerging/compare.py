@@ -3,6 +3,7 @@
 Usage::
 
     statsmerging-compare --suite /path/to/suite --out results/            # clip_suite pools
+    statsmerging-compare --suite /path/to/heads_suite --out results/      # per-task-head suite: heads rows
     python -m fusion_bench_statsmerging.compare --methods pretrained,task_arithmetic,statsmerging \\
         --modelpool clip-vit-base-patch32_TA8 --taskpool clip-vit-classification_TA8 --out results/
 
@@ -169,6 +170,53 @@ DEFAULT_METHODS = [
 ]
 
 
+# Per-task-head pools (``modelpool=heads_suite``: CNNs with BatchNorm, BERT-style encoders):
+# the same rows where the host's method is generic, AdaMerging through ``adamerging_heads``
+# (the host's classes with the per-task-head hooks), ours through their ``*_heads`` configs.
+# The host's Fisher merging and RegMean exist for CLIP/GPT-2/Flan-T5 pools only, so they are
+# not in this family's default list.
+def _heads_adamerging(key: str, label: str, name: str, train_split: bool) -> MethodSpec:
+    if train_split:
+        return MethodSpec(key, label, ("method=adamerging_heads", f"method.name={name}"), TRAIN_UNLABELED,
+                          fast_overrides=_ADAMERGING_FAST, protocol_key="method.protocol",
+                          default_protocol_value="train_unlabeled")
+    return MethodSpec(key, label, ("method=adamerging_heads", f"method.name={name}",
+                                   "method.protocol=test_time_adaptation"), TEST_TIME,
+                      fast_overrides=_ADAMERGING_FAST)
+
+
+_TASK_WISE = "method.mode=task_wise"
+HEADS_REGISTRY: Dict[str, MethodSpec] = {s.key: s for s in [
+    dataclasses.replace(REGISTRY["pretrained"], label="Pretrained backbone + expert heads"),
+    REGISTRY["individual"], REGISTRY["simple_average"], REGISTRY["task_arithmetic"], REGISTRY["ties_merging"],
+    _heads_adamerging("adamerging_task", "AdaMerging (task-wise, test inputs)", "task_wise", False),
+    _heads_adamerging("adamerging_layer", "AdaMerging (layer-wise, test inputs)", "layer_wise", False),
+    _heads_adamerging("adamerging_task_train", "AdaMerging (task-wise, train inputs)", "task_wise", True),
+    _heads_adamerging("adamerging_layer_train", "AdaMerging (layer-wise, train inputs)", "layer_wise", True),
+    _ours("statsmerging_task", "StatsMerging (task-wise)", "statsmerging_heads", False, _TASK_WISE),
+    _ours("statsmerging_layer", "StatsMerging (layer-wise)", "statsmerging_heads"),
+    _ours("statsmerging_plusplus", "StatsMerging++", "statsmerging_plusplus_heads"),
+    _ours("statsmerging_task_tta", "StatsMerging (task-wise, test inputs)", "statsmerging_heads", False,
+          _TASK_WISE, _TTA),
+    _ours("statsmerging_layer_tta", "StatsMerging (layer-wise, test inputs)", "statsmerging_heads", False, _TTA),
+    _ours("samerging", "SAMerging", "samerging_heads"),
+    _ours("statsmerging_sam", "StatsMerging + SAM", "statsmerging_heads", False, "method.optimizer=sam",
+          "method.sam_rho=0.05"),
+]}
+HEADS_DEFAULT_METHODS = [k for k in DEFAULT_METHODS if k in HEADS_REGISTRY]
+HEADS_FORMAT = "per_task_heads/1"
+
+
+def suite_family(suite: Optional[Path], modelpool: str) -> str:
+    """``heads`` for a per-task-head suite (its suite.json says so) or a ``heads*`` modelpool, else ``clip``."""
+    if suite is not None and (suite / "suite.json").is_file():
+        try:
+            if json.loads((suite / "suite.json").read_text()).get("format") == HEADS_FORMAT:
+                return "heads"
+        except (OSError, ValueError):
+            pass
+    return "heads" if modelpool.startswith("heads") else "clip"
+
 # --------------------------------------------------------------------------- experts "method"
 def _experts_algorithm_class() -> type:
     """Build the experts pseudo-method lazily: importing the host costs seconds and torch,
@@ -210,26 +258,32 @@ class _LazyExperts(dict):
 
 
 class _only_task:
-    """Restrict a set-up CLIP-style task pool to one task for the duration of a block."""
+    """Restrict a task pool to one task for the duration of a block: a set-up CLIP-style pool
+    through its ``test_dataloaders``, a per-task-head pool through its ``tasks`` list."""
 
     def __init__(self, taskpool, task: str):
         self.taskpool, self.task, self.saved = taskpool, task, None
+        self.attribute: Optional[str] = None
 
     def __enter__(self):
         tp = self.taskpool
         if tp is None:
             return self
+        if isinstance(getattr(tp, "tasks", None), list) and self.task in tp.tasks:
+            self.attribute, self.saved = "tasks", tp.tasks
+            tp.tasks = [self.task]
+            return self
         if not getattr(tp, "_is_setup", True) and hasattr(tp, "setup"):
             tp.setup()
         loaders = getattr(tp, "test_dataloaders", None)
         if isinstance(loaders, dict) and self.task in loaders:
-            self.saved = loaders
+            self.attribute, self.saved = "test_dataloaders", loaders
             tp.test_dataloaders = {self.task: loaders[self.task]}
         return self
 
     def __exit__(self, *exc):
-        if self.saved is not None:
-            self.taskpool.test_dataloaders = self.saved
+        if self.attribute is not None:
+            setattr(self.taskpool, self.attribute, self.saved)
         return False
 
 
@@ -726,8 +780,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         prog="statsmerging-compare",
         description="Run merging methods through the fusion_bench CLI on one model pool and "
                     "task pool; write results.{md,csv,json,png} to --out.")
-    p.add_argument("--modelpool", default="clip_suite", help="modelpool config name (default: clip_suite)")
-    p.add_argument("--taskpool", default="clip_suite", help="taskpool config name (default: clip_suite)")
+    p.add_argument("--modelpool", default=None,
+                   help="modelpool config name (default: clip_suite, or heads_suite for a per-task-head --suite)")
+    p.add_argument("--taskpool", default=None, help="taskpool config name (default: as --modelpool's default)")
     p.add_argument("--methods", default=None,
                    help="comma-separated method keys (default: all standard ones; see --list)")
     p.add_argument("--out", type=Path, default=Path("outputs/compare"), help="output directory")
@@ -736,7 +791,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="smoke run: few optimisation steps for AdaMerging and our methods")
     p.add_argument("--fast-steps", type=int, default=5, help="max_steps used by --fast (default 5)")
     p.add_argument("--suite", type=Path, default=None,
-                   help="suite directory for the clip_suite pools (sets STATSMERGING_SUITE_DIR)")
+                   help="suite directory: a CLIP suite (sets STATSMERGING_SUITE_DIR for the clip_suite pools) or a "
+                        "per-task-head suite (suite.json format per_task_heads/1: sets "
+                        "STATSMERGING_HEADS_SUITE_DIR, heads_suite pools and that family's rows)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VAL",
                    help="environment for the runs (each run starts in its own run directory, so "
                         "give absolute paths)")
@@ -760,13 +817,24 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def select_specs(args: argparse.Namespace, registry: Mapping[str, MethodSpec]) -> List[MethodSpec]:
-    """The specs to run, in the order asked; unknown keys are a usage error listing the known ones."""
+def family_registry(family: str) -> Tuple[Dict[str, MethodSpec], List[str]]:
+    """The known rows and the default list of a pool family (``clip`` or ``heads``)."""
+    if family == "heads":
+        return dict(HEADS_REGISTRY), list(HEADS_DEFAULT_METHODS)
+    return dict(REGISTRY), list(DEFAULT_METHODS)
+
+
+def select_specs(args: argparse.Namespace, registry: Mapping[str, MethodSpec],
+                 builtin: Optional[Mapping[str, MethodSpec]] = None,
+                 defaults: Sequence[str] = DEFAULT_METHODS) -> List[MethodSpec]:
+    """The specs to run, in the order asked; unknown keys are a usage error listing the known ones.
+    ``builtin``: the family's own rows (anything else in ``registry`` came from ``--add``)."""
+    builtin = REGISTRY if builtin is None else builtin
     if args.methods:
         keys = [k.strip() for k in args.methods.split(",") if k.strip()]
-        keys += [k for k in registry if k not in REGISTRY and k not in keys]  # rows from --add always run
+        keys += [k for k in registry if k not in builtin and k not in keys]  # rows from --add always run
     else:
-        keys = [k for k in DEFAULT_METHODS if k in registry] + [k for k in registry if k not in REGISTRY]
+        keys = [k for k in defaults if k in registry] + [k for k in registry if k not in builtin]
     unknown = [k for k in keys if k not in registry]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; known: {', '.join(registry)}")
@@ -775,14 +843,18 @@ def select_specs(args: argparse.Namespace, registry: Mapping[str, MethodSpec]) -
 
 def build_context(args: argparse.Namespace) -> Context:
     env = dict(_key_value(e, "=", "KEY=VAL") for e in args.env)
+    family = suite_family(args.suite, args.modelpool or "clip_suite")
+    pool = "heads_suite" if family == "heads" else "clip_suite"
     if args.suite is not None:
-        env["STATSMERGING_SUITE_DIR"] = str(args.suite.resolve())
+        variable = "STATSMERGING_HEADS_SUITE_DIR" if family == "heads" else "STATSMERGING_SUITE_DIR"
+        env[variable] = str(args.suite.resolve())
     per_method: Dict[str, List[str]] = {}
     for s in args.set:
         key, override = _key_value(s, ":", "KEY:OVERRIDE")
         per_method.setdefault(key, []).append(override)
     extra = [o for chunk in args.extra_overrides for o in shlex.split(chunk)]
-    return Context(out=args.out.resolve(), modelpool=args.modelpool, taskpool=args.taskpool, extra_overrides=extra,
+    return Context(out=args.out.resolve(), modelpool=args.modelpool or pool, taskpool=args.taskpool or pool,
+                   extra_overrides=extra,
                    per_method=per_method, env=env, timeout=args.timeout, fast=args.fast,
                    fast_steps=args.fast_steps, jobs=args.jobs)
 
@@ -797,7 +869,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv and argv[0] == CHILD_FLAG:
         return child_main(argv)
     args = parse_args(argv)
-    registry = dict(REGISTRY)
+    family = suite_family(args.suite, args.modelpool or "clip_suite")
+    builtin, defaults = family_registry(family)
+    registry = dict(builtin)
     for a in args.add:
         key, overrides = _key_value(a, "=", "KEY=OVERRIDES")
         registry[key] = MethodSpec(key, key, tuple(shlex.split(overrides)), CUSTOM)
@@ -806,7 +880,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{s.key:28s} {s.label:40s} {row_protocol(s, s.overrides):45s} {' '.join(s.overrides)}")
         return 0
     ctx = build_context(args)
-    specs = select_specs(args, registry)
+    specs = select_specs(args, registry, builtin, defaults)
     dirs = _config_dirs(ctx.extra_overrides)
     if args.dry_run:
         for s in specs:

@@ -134,6 +134,50 @@ def test_compare_runs_statsmerging_with_package_configs(tmp_path, suite_dir):
     assert "method.max_steps=3" in rows["statsmerging_layer"]["overrides"]
 
 
+def test_compare_on_a_per_task_head_suite(tmp_path):
+    """A per-task-head --suite picks the heads pools and rows: individual experts on their own
+    task, a host baseline, AdaMerging through the heads hooks and ours, all through the CLI."""
+    from fusion_bench_statsmerging.heads_fixtures import build_tiny_cnn_suite
+
+    suite = build_tiny_cnn_suite(tmp_path / "cnn")
+    out = tmp_path / "out"
+    methods = "pretrained,individual,task_arithmetic,adamerging_layer_train,statsmerging_layer"
+    _run_compare(["--suite", str(suite), "--out", str(out), "--fast", "--fast-steps", "2", "--methods", methods,
+                  "--set", "statsmerging_layer:method.data_fraction=0.25", "--jobs", "2",
+                  "--extra-overrides", "fabric.accelerator=cpu taskpool.batchnorm_reestimate=true",
+                  "--timeout", "300"], tmp_path)
+    result = json.loads((out / "results.json").read_text())
+    assert result["modelpool"] == "heads_suite" and result["taskpool"] == "heads_suite"
+    assert result["tasks"] == list(json.loads((suite / "tasks.json").read_text()))
+    rows = {r["key"]: r for r in result["rows"]}
+    assert list(rows) == methods.split(",")
+    for row in rows.values():
+        assert row["status"] == "ok", row.get("error_tail")
+        _assert_consistent_row(row, result["tasks"])
+    assert rows["adamerging_layer_train"]["protocol"] == compare.TRAIN_UNLABELED
+    assert "method=adamerging_heads" in rows["adamerging_layer_train"]["overrides"]
+    assert "method=statsmerging_heads" in rows["statsmerging_layer"]["overrides"]
+    # experts are scored on their own task only (the taskpool narrowed to it), and beat the rest
+    experts = rows["individual"]["accuracies"]
+    assert experts and min(experts.values()) > 0.5
+    assert (out / "results.md").read_text().count("| Pretrained backbone + expert heads |") == 1
+
+
+def test_heads_family_rows_and_detection(tmp_path):
+    (tmp_path / "suite.json").write_text(json.dumps({"format": "per_task_heads/1"}))
+    assert compare.suite_family(tmp_path, "clip_suite") == "heads"
+    assert compare.suite_family(None, "heads_suite_hetero") == "heads"
+    assert compare.suite_family(None, "clip_suite") == "clip"
+    reg, default = compare.family_registry("heads")
+    assert "fisher_merging" not in default and "regmean" not in default  # the host's are CLIP-only
+    for key in ("adamerging_layer", "adamerging_task"):
+        assert compare.row_protocol(reg[key], reg[key].overrides) == compare.TEST_TIME
+    for key in ("adamerging_layer_train", "statsmerging_layer", "samerging"):
+        assert compare.row_protocol(reg[key], reg[key].overrides) == compare.TRAIN_UNLABELED
+    dirs = compare._config_dirs([])
+    assert all(compare.config_file(reg[k], dirs) is not None for k in default if k not in ("individual",))
+
+
 # --------------------------------------------------------------------------- pieces
 def _ctx(tmp_path, **kw) -> compare.Context:
     base = dict(out=tmp_path, modelpool="mp", taskpool="tp", extra_overrides=[], per_method={}, env={},
