@@ -14,12 +14,11 @@ import lightning as L
 from lightning.fabric.loggers import TensorBoardLogger
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from fusion_bench_statsmerging.heads import PerTaskHeadsModelPool, load_head
 from fusion_bench_statsmerging.heads_fixtures import build_tiny_cnn_suite, build_tiny_text_suite
 from fusion_bench_statsmerging.method.adamerging_heads import (
-    HeadsLayerWiseAdaMerging, HeadsTaskWiseAdaMerging, heads_adamerging,
+    HeadsTaskWiseAdaMerging, heads_adamerging,
 )
 from fusion_bench_statsmerging.method.base import PoolError
 
