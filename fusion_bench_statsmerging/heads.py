@@ -324,6 +324,18 @@ def read_inputs(dataset, indices: Sequence[int], column: str, processor, batch_s
 
 
 # --------------------------------------------------------------------------- suite
+def check_description(spec: Mapping[str, Any], source: str) -> str:
+    """Validate a suite.json-style description (format, input, backbone); returns its input kind."""
+    if spec.get("format", FORMAT) != FORMAT:
+        raise HeadsSuiteError(f"{source} format {spec.get('format')!r} is not {FORMAT!r}.")
+    input_kind = spec.get("input")
+    if input_kind not in INPUT_KINDS:
+        raise HeadsSuiteError(f"{source} 'input' must be one of {INPUT_KINDS}, got {input_kind!r}.")
+    if "backbone" not in spec:
+        raise HeadsSuiteError(f"{source} has no 'backbone' description.")
+    return input_kind
+
+
 class HeadsSuite:
     """A per-task-head suite directory: its description, tasks, models, heads and data."""
 
@@ -338,13 +350,7 @@ class HeadsSuite:
             )
         self.spec: Dict[str, Any] = json.loads(spec_path.read_text())
         self.tasks: Dict[str, dict] = json.loads(tasks_path.read_text())
-        if self.spec.get("format", FORMAT) != FORMAT:
-            raise HeadsSuiteError(f"suite.json format {self.spec.get('format')!r} is not {FORMAT!r}.")
-        self.input_kind = self.spec.get("input")
-        if self.input_kind not in INPUT_KINDS:
-            raise HeadsSuiteError(f"suite.json 'input' must be one of {INPUT_KINDS}, got {self.input_kind!r}.")
-        if "backbone" not in self.spec:
-            raise HeadsSuiteError("suite.json has no 'backbone' description.")
+        self.input_kind = check_description(self.spec, "suite.json")
 
     @property
     def input_column(self) -> str:

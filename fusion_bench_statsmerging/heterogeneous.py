@@ -40,7 +40,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -60,7 +60,7 @@ from .teachers import (
 )
 
 __all__ = ["HeterogeneousDistillationModelPool", "DistillHeterogeneousExperts", "DistillationSettings",
-           "HeteroPoolError", "HeteroExpertError", "distill_student"]
+           "DistilledExpertsMixin", "HeteroPoolError", "HeteroExpertError", "distill_student"]
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +152,19 @@ def _warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 
 # --------------------------------------------------------------------------- distillation
+PixelFn = Callable[[List[Any]], Tensor]  # PIL images -> the student's preprocessed pixels (N, C, H, W)
+
+
+def clip_pixels(image_processor) -> PixelFn:
+    """A Hugging Face image processor as a :data:`PixelFn`."""
+    return lambda images: image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+
 @torch.no_grad()
-def _teacher_targets_and_student_pixels(teacher: Teacher, student_processor, dataset, indices, batch_size,
+def _teacher_targets_and_student_pixels(teacher: Teacher, student_pixels: PixelFn, dataset, indices, batch_size,
                                         device, desc):
     """Read each chosen image once (image column only); the teacher sees it through its own
-    preprocessing (its logits are kept), the student through the CLIP processor (pixels kept)."""
+    preprocessing (its logits are kept), the student through its own (pixels kept)."""
     view = image_only_view(dataset)
     logits, pixels = [], []
     for start in tqdm(range(0, len(indices), batch_size), desc, leave=False):
@@ -164,7 +172,7 @@ def _teacher_targets_and_student_pixels(teacher: Teacher, student_processor, dat
         images = [im.convert("RGB") if hasattr(im, "convert") else im for im in images]
         t_px = teacher.pixels(images).to(device=device, dtype=torch.float32)
         logits.append(teacher.logits(t_px).float().cpu())
-        pixels.append(student_processor(images=images, return_tensors="pt")["pixel_values"].to(torch.float16))
+        pixels.append(student_pixels(images).to(torch.float16))
     return torch.cat(pixels), torch.cat(logits)
 
 
@@ -183,11 +191,14 @@ def _autocast(device: torch.device, amp: bool):
     return torch.autocast(device.type, enabled=False)
 
 
-def distill_student(teacher: Teacher, student: CLIPZeroShotClassifier, student_processor, dataset,
-                    settings: DistillationSettings, task: str, tensorboard_dir: Optional[str] = None) -> Dict[str, Any]:
-    """Train ``student.vision_model`` to match ``teacher`` on unlabeled images of ``task`` (Eq. 8).
+def distill_student(teacher: Teacher, student: nn.Module, student_pixels: PixelFn, dataset,
+                    settings: DistillationSettings, task: str, tensorboard_dir: Optional[str] = None,
+                    target_name: str = "CLIP") -> Dict[str, Any]:
+    """Train ``student``'s trainable parameters to match ``teacher`` on unlabeled images of ``task`` (Eq. 8).
 
-    Returns a report: sample counts and the student's agreement with the teacher on held-out
+    The student trains in training mode (BatchNorm normalises with batch statistics and updates
+    its running ones); frozen parts (a CLIP student's projection and zero-shot head) stay as they
+    are. Returns a report: sample counts and the student's agreement with the teacher on held-out
     unlabeled images (before and after), on the fitting images, and the loss history.
     """
     s, device = settings, settings.torch_device()
@@ -203,16 +214,16 @@ def distill_student(teacher: Teacher, student: CLIPZeroShotClassifier, student_p
 
     teacher.model.to(device)
     fit_px, fit_t = _teacher_targets_and_student_pixels(
-        teacher, student_processor, dataset, fit, s.eval_batch_size, device, f"Teacher logits ({task})")
+        teacher, student_pixels, dataset, fit, s.eval_batch_size, device, f"Teacher logits ({task})")
     held_px, held_t = _teacher_targets_and_student_pixels(
-        teacher, student_processor, dataset, held, s.eval_batch_size, device, f"Teacher logits ({task}, held-out)")
+        teacher, student_pixels, dataset, held, s.eval_batch_size, device, f"Teacher logits ({task}, held-out)")
     teacher.model.cpu()
 
     student.to(device)
     student.eval()
     before = agreement(_predict(student, held_px, s.eval_batch_size, device, s.amp), held_t) if n_held else None
 
-    params = [p for p in student.vision_model.parameters() if p.requires_grad]
+    params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _warmup_cosine(i, s.warmup_steps, s.max_steps))
     writer = None
@@ -223,8 +234,9 @@ def distill_student(teacher: Teacher, student: CLIPZeroShotClassifier, student_p
     gen = torch.Generator().manual_seed(s.seed + 2)
     order, pos, history = torch.randperm(len(fit_px), generator=gen), 0, []
     batch = min(s.batch_size, len(fit_px))
-    student.vision_model.train()
-    pbar = tqdm(range(s.max_steps), f"Distilling {teacher.spec.kind} expert -> CLIP ({task})", dynamic_ncols=True)
+    student.train()
+    pbar = tqdm(range(s.max_steps), f"Distilling {teacher.spec.kind} expert -> {target_name} ({task})",
+                dynamic_ncols=True)
     for step in pbar:
         if pos + batch > len(order):
             order, pos = torch.randperm(len(fit_px), generator=gen), 0
@@ -274,9 +286,9 @@ def distill_student(teacher: Teacher, student: CLIPZeroShotClassifier, student_p
 
 
 def _publish(entry: Path, student: nn.Module, report: Dict[str, Any]) -> Dict[str, Any]:
-    """Write the student and its report into a temporary sibling, then rename it into place in one
-    step. If another process published the same entry meanwhile, keep theirs (same key, same
-    settings) and return its report."""
+    """Write the student (its ``save_pretrained``) and its report into a temporary sibling, then rename
+    it into place in one step. If another process published the same entry meanwhile, keep theirs
+    (same key, same settings) and return its report."""
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     try:
@@ -304,7 +316,91 @@ def _is_spec(cfg: Any) -> bool:
     return (isinstance(cfg, (dict, DictConfig))) and "kind" in cfg
 
 
-class HeterogeneousDistillationModelPool(CLIPVisionModelPool):
+def expert_subdirs(experts_dir: str, builder: str) -> List[Path]:
+    """The sub-folders of an ``experts_dir`` (one per task), sorted; ``builder`` is the script that writes it."""
+    root = Path(os.path.expanduser(str(experts_dir)))
+    if not root.is_dir():
+        raise HeteroPoolError(f"experts_dir '{root}' is not a directory (build it with {builder}, "
+                              "or set experts_dir: null).")
+    return sorted(p for p in root.iterdir() if p.is_dir())
+
+
+class DistilledExpertsMixin:
+    """What every distil-then-merge pool shares: the student cache, the unlabeled data of a task,
+    and the distillation reports. The pool sets ``settings``, ``_specs`` ({task: expert spec with a
+    ``kind``}), ``_cache_dir``, ``_student_paths`` and ``distillation_reports``, and implements
+    ``student_path(task)``; ``STUDENT_MARKER`` is a file every complete student directory holds."""
+
+    STUDENT_MARKER = "config.json"
+    settings: DistillationSettings
+    _specs: Dict[str, Any]
+    _cache_dir: Optional[str]
+
+    @property
+    def cache_root(self) -> Path:
+        return Path(os.path.expanduser(str(self._cache_dir or os.environ.get(
+            "STATSMERGING_HETERO_CACHE", DEFAULT_CACHE_DIR))))
+
+    @property
+    def heterogeneous_model_names(self) -> List[str]:
+        return list(self._specs)
+
+    def expert_spec(self, name: str) -> Optional[Any]:
+        return self._specs.get(name)
+
+    def student_path(self, task: str) -> str:  # pragma: no cover - each pool implements it
+        raise NotImplementedError
+
+    def prepare(self) -> Dict[str, str]:
+        """Distil (or load from the cache) every other-architecture expert now; name -> student path."""
+        return {name: self.student_path(name) for name in self._specs}
+
+    def _unlabeled_dataset(self, task: str):
+        """The images a task's student is distilled on (``distillation.split``; labels are never read)."""
+        split = self.settings.split
+        names = {"train": self.train_dataset_names, "validation": self.val_dataset_names,
+                 "test": self.test_dataset_names}[split]
+        key = {"train": "train_datasets", "validation": "val_datasets", "test": "test_datasets"}[split]
+        if task not in names:
+            raise HeteroPoolError(
+                f"Task '{task}' has no unlabeled data to distil its {self._specs[task].kind} expert on: the "
+                f"pool's `{key}` has no entry for it (distillation.split={split}). Add one, or choose "
+                "another `distillation.split`.")
+        loader = {"train": self.load_train_dataset, "validation": self.load_val_dataset,
+                  "test": self.load_test_dataset}[split]
+        dataset = loader(task)
+        if len(dataset) < 2:
+            raise HeteroPoolError(
+                f"Task '{task}' has {len(dataset)} unlabeled image(s) in its {split} split; distillation "
+                "needs at least two (fitting + held-out).")
+        return dataset
+
+    def _data_key(self, task: str, dataset) -> Dict[str, Any]:
+        """What identifies a task's distillation data in the cache key."""
+        data_cfg = {"train": self._train_datasets, "validation": self._val_datasets,
+                    "test": self._test_datasets}[self.settings.split][task]
+        return {"split": self.settings.split, "size": len(dataset),
+                "fingerprint": getattr(dataset, "_fingerprint", None) or json.dumps(_as_plain(data_cfg), default=str)}
+
+    def _cached(self, entry: Path) -> Optional[Dict[str, Any]]:
+        report = entry / "distillation.json"
+        if report.is_file() and (entry / self.STUDENT_MARKER).is_file():
+            return json.loads(report.read_text())
+        return None
+
+    def _tensorboard_dir(self, entry: Path) -> str:
+        return str(self.cache_root / "tensorboard" / entry.name)
+
+    def _publish_student(self, entry: Path, student: nn.Module, report: Dict[str, Any],
+                         expert: Dict[str, Any]) -> Dict[str, Any]:
+        """Complete a distillation report (expert, target, settings, entry, time) and publish the student."""
+        report.update({"expert": expert, "target": str(_as_plain(self._models["_pretrained_"])),
+                       "settings": asdict(self.settings), "cache_entry": str(entry),
+                       "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+        return _publish(entry, student, report)
+
+
+class HeterogeneousDistillationModelPool(DistilledExpertsMixin, CLIPVisionModelPool):
     """A CLIP vision pool whose other-architecture experts are distilled into the target on load.
 
     Args:
@@ -374,12 +470,8 @@ class HeterogeneousDistillationModelPool(CLIPVisionModelPool):
     def _scan_experts_dir(experts_dir: Optional[str], models: Dict[str, Any]) -> Dict[str, ExpertSpec]:
         if not experts_dir:
             return {}
-        root = Path(os.path.expanduser(str(experts_dir)))
-        if not root.is_dir():
-            raise HeteroPoolError(f"experts_dir '{root}' is not a directory (build it with "
-                                  "benchmarks/build_hetero_experts.py, or set experts_dir: null).")
         found = {}
-        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        for sub in expert_subdirs(experts_dir, "benchmarks/build_hetero_experts.py"):
             if sub.name not in models:
                 log.info("experts_dir: '%s' is not a task of this pool; skipped.", sub.name)
                 continue
@@ -387,19 +479,6 @@ class HeterogeneousDistillationModelPool(CLIPVisionModelPool):
             cfg = OmegaConf.load(spec_file) if spec_file.is_file() else {"kind": "auto", "path": "."}
             found[sub.name] = ExpertSpec.parse(sub.name, cfg, base_dir=sub)
         return found
-
-    # ------------------------------------------------------------------ properties
-    @property
-    def cache_root(self) -> Path:
-        return Path(os.path.expanduser(str(self._cache_dir or os.environ.get(
-            "STATSMERGING_HETERO_CACHE", DEFAULT_CACHE_DIR))))
-
-    @property
-    def heterogeneous_model_names(self):
-        return list(self._specs)
-
-    def expert_spec(self, name: str) -> Optional[ExpertSpec]:
-        return self._specs.get(name)
 
     # ------------------------------------------------------------------ host API
     def load_model(self, model_name_or_config, *args, **kwargs):
@@ -414,10 +493,6 @@ class HeterogeneousDistillationModelPool(CLIPVisionModelPool):
             return self.student_path(model_name)
         return super().get_model_path(model_name)
 
-    def prepare(self) -> Dict[str, str]:
-        """Distil (or load from the cache) every other-architecture expert now; name -> student path."""
-        return {name: self.student_path(name) for name in self._specs}
-
     # ------------------------------------------------------------------ distillation
     def _load_target(self) -> Dict[str, Any]:
         if self._target is None:
@@ -425,35 +500,13 @@ class HeterogeneousDistillationModelPool(CLIPVisionModelPool):
             self._target = {"clip_model": clip_model, "processor": self.load_processor()}
         return self._target
 
-    def _unlabeled_dataset(self, task: str):
-        split = self.settings.split
-        names = {"train": self.train_dataset_names, "validation": self.val_dataset_names,
-                 "test": self.test_dataset_names}[split]
-        key = {"train": "train_datasets", "validation": "val_datasets", "test": "test_datasets"}[split]
-        if task not in names:
-            raise HeteroPoolError(
-                f"Task '{task}' has no unlabeled data to distil its {self._specs[task].kind} expert on: the "
-                f"pool's `{key}` has no entry for it (distillation.split={split}). Add one, or choose "
-                "another `distillation.split`.")
-        loader = {"train": self.load_train_dataset, "validation": self.load_val_dataset,
-                  "test": self.load_test_dataset}[split]
-        dataset = loader(task)
-        if len(dataset) < 2:
-            raise HeteroPoolError(
-                f"Task '{task}' has {len(dataset)} unlabeled image(s) in its {split} split; distillation "
-                "needs at least two (fitting + held-out).")
-        return dataset
-
     def _key_parts(self, task: str, spec: ExpertSpec, dataset, classnames, templates) -> Dict[str, Any]:
-        data_cfg = {"train": self._train_datasets, "validation": self._val_datasets,
-                    "test": self._test_datasets}[self.settings.split][task]
         return {
             "format": CACHE_FORMAT, "task": task, "classnames": list(map(str, classnames)),
             "templates": rendered_templates(templates), "teacher": spec.fingerprint(),
             "target": source_fingerprint(self._models["_pretrained_"]),
             "processor": source_fingerprint(self._processor) if self._processor is not None else None,
-            "data": {"split": self.settings.split, "size": len(dataset),
-                     "fingerprint": getattr(dataset, "_fingerprint", None) or json.dumps(_as_plain(data_cfg), default=str)},
+            "data": self._data_key(task, dataset),
             "settings": self.settings.keyed(),
         }
 
@@ -468,12 +521,6 @@ class HeterogeneousDistillationModelPool(CLIPVisionModelPool):
         if any(getattr(config, f) != getattr(target.config, f) for f in fields_):
             return False
         return same_architecture(CLIPVisionModel.from_pretrained(path), target)
-
-    def _cached(self, entry: Path) -> Optional[Dict[str, Any]]:
-        report = entry / "distillation.json"
-        if report.is_file() and (entry / "config.json").is_file():
-            return json.loads(report.read_text())
-        return None
 
     def student_path(self, task: str) -> str:
         """The directory of the target-architecture model standing for expert ``task``."""
@@ -523,12 +570,9 @@ class HeterogeneousDistillationModelPool(CLIPVisionModelPool):
                                          clip_model.logit_scale.exp())
         # host methods may load experts under no_grad / inference mode; distillation needs gradients
         with torch.inference_mode(False), torch.enable_grad():
-            report = distill_student(teacher, student, processor.image_processor, dataset, self.settings, task,
-                                     tensorboard_dir=str(self.cache_root / "tensorboard" / entry.name))
-        report.update({"expert": spec.describe(), "target": str(_as_plain(self._models["_pretrained_"])),
-                       "settings": asdict(self.settings), "cache_entry": str(entry),
-                       "created": time.strftime("%Y-%m-%d %H:%M:%S")})
-        return _publish(entry, vision, report)
+            report = distill_student(teacher, student, clip_pixels(processor.image_processor), dataset,
+                                     self.settings, task, tensorboard_dir=self._tensorboard_dir(entry))
+        return self._publish_student(entry, vision, report, spec.describe())
 
 
 class DistillHeterogeneousExperts(BaseAlgorithm):
@@ -540,7 +584,7 @@ class DistillHeterogeneousExperts(BaseAlgorithm):
     """
 
     def run(self, modelpool):
-        if isinstance(modelpool, HeterogeneousDistillationModelPool):
+        if isinstance(modelpool, DistilledExpertsMixin):
             paths = modelpool.prepare()
             for name, path in paths.items():
                 rep = modelpool.distillation_reports.get(name, {})

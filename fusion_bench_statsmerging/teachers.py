@@ -275,9 +275,13 @@ class ImageTransform:
 # --------------------------------------------------------------------------- teachers
 @dataclass
 class Teacher:
-    """A frozen expert: ``model(pixel_values) -> logits`` on pixels from ``preprocess(images=...)``."""
+    """A frozen expert: ``model(pixel_values) -> logits`` on pixels from ``preprocess(images=...)``.
 
-    spec: ExpertSpec
+    ``spec`` describes it for messages and reports: an :class:`ExpertSpec`, or any description
+    with ``name``, ``kind`` and ``path`` (a per-task-head suite's expert, say).
+    """
+
+    spec: Any
     model: nn.Module
     preprocess: Callable[..., Mapping[str, Tensor]]
     logits_fn: Callable[[nn.Module, Tensor], Tensor]

@@ -1,10 +1,14 @@
 """Shared fixtures: one tiny offline CLIP suite per test session (seconds to build)."""
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -42,3 +46,33 @@ def make_algorithm(tmp_path, fabric, **overrides):
     algorithm = CLIPStatsMergingAlgorithm(**config)
     algorithm.fabric = fabric
     return algorithm
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny models: intra-op threads only spin on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+FUSION_BENCH_DRIVER = (
+    "import json, sys\n"
+    "from hydra.core.global_hydra import GlobalHydra\n"
+    "from fusion_bench.scripts.cli import _hydra_main  # what the `fusion_bench` script runs\n"
+    "for args in json.loads(sys.argv[1]):\n"
+    "    sys.argv = ['fusion_bench', *args]\n"
+    "    try:\n"
+    "        _hydra_main()\n"
+    "    except SystemExit as e:\n"
+    "        print('EXIT', e.code, args)\n"
+    "    GlobalHydra.instance().clear()\n"
+)
+
+
+def run_fusion_bench(commands, cwd, env, timeout=600) -> subprocess.CompletedProcess:
+    """Run ``fusion_bench`` command lines (lists of overrides) one after another in one interpreter,
+    so the imports are paid once, not once per command."""
+    return subprocess.run([sys.executable, "-c", FUSION_BENCH_DRIVER, json.dumps(commands)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)

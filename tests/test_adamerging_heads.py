@@ -7,8 +7,6 @@ move; heads stay frozen; the CLI runs both variants on a CNN and a text pool.
 
 import json
 import os
-import subprocess
-import sys
 
 import lightning as L
 from lightning.fabric.loggers import TensorBoardLogger
@@ -22,7 +20,10 @@ from fusion_bench_statsmerging.method.adamerging_heads import (
 )
 from fusion_bench_statsmerging.method.base import PoolError
 
-from test_heads import LabelTrap, one_thread  # noqa: F401  (autouse: one intra-op thread)
+from conftest import run_fusion_bench
+from test_heads import LabelTrap
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: extra threads only spin
 
 
 @pytest.fixture(scope="module")
@@ -112,22 +113,12 @@ def test_refuses_a_pool_without_heads(tmp_path, suite_dir):
 
 def test_cli_runs_both_variants_on_cnn_and_text_pools(tmp_path, cnn_suite, text_suite):
     runs = {"cnn_layer": (cnn_suite, "layer_wise"), "text_task": (text_suite, "task_wise")}
-    driver = (
-        "import json, sys\n"
-        "from hydra.core.global_hydra import GlobalHydra\n"
-        "from fusion_bench.scripts.cli import _hydra_main\n"
-        "for args in json.loads(sys.argv[1]):\n"
-        "    sys.argv = ['fusion_bench', *args]\n"
-        "    _hydra_main()\n"
-        "    GlobalHydra.instance().clear()\n"
-    )
     commands = [["method=adamerging_heads", f"method.name={name}", "method.max_steps=3", "method.batch_size=4",
                  "modelpool=heads_suite", "taskpool=heads_suite", f"modelpool.suite_dir={suite}",
                  "fabric.accelerator=cpu", f"path.log_dir={tmp_path / key}"] for key, (suite, name) in runs.items()]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf_home"))
-    proc = subprocess.run([sys.executable, "-c", driver, json.dumps(commands)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_fusion_bench(commands, cwd=tmp_path, env=env)
+    assert proc.returncode == 0 and "EXIT" not in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     for key, (suite, _) in runs.items():
         report = json.loads((tmp_path / key / "program_report.json").read_text())
         tasks = json.loads((suite / "tasks.json").read_text())

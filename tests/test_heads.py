@@ -7,7 +7,6 @@ BatchNorm options do what they say.
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,16 +26,10 @@ from fusion_bench_statsmerging.method.statsmerging.heads_statsmerging import (
     HeadsSAMergingAlgorithm, HeadsStatsMergingAlgorithm,
 )
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_fusion_bench
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only spin on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: extra threads only spin
 
 
 @pytest.fixture(scope="module")
@@ -85,22 +78,9 @@ def test_cli_merges_cnn_and_text_pools_ours_and_the_hosts(tmp_path, cnn_suite, t
     for key, args in runs.items():
         suite = cnn_suite if key.startswith("cnn") else text_suite
         commands.append([*args, *common, f"modelpool.suite_dir={suite}", f"path.log_dir={tmp_path / key}"])
-    driver = (
-        "import json, sys\n"
-        "from hydra.core.global_hydra import GlobalHydra\n"
-        "from fusion_bench.scripts.cli import _hydra_main  # what the `fusion_bench` script runs\n"
-        "for args in json.loads(sys.argv[1]):\n"
-        "    sys.argv = ['fusion_bench', *args]\n"
-        "    try:\n"
-        "        _hydra_main()\n"
-        "    except SystemExit as e:\n"
-        "        print('EXIT', e.code, args)\n"
-        "    GlobalHydra.instance().clear()\n"
-    )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false", HF_HOME=str(tmp_path / "hf_home"))
-    proc = subprocess.run([sys.executable, "-c", driver, json.dumps(commands)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_fusion_bench(commands, tmp_path, env)
     log = proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.returncode == 0, log
     for key in runs:
