@@ -124,3 +124,14 @@ def test_cli_runs_both_variants_on_cnn_and_text_pools(tmp_path, cnn_suite, text_
         tasks = json.loads((suite / "tasks.json").read_text())
         assert set(tasks) <= set(report) and 0.0 <= report["average"]["accuracy"] <= 1.0
     assert (tmp_path / "cnn_layer" / "merging_weights.pt").is_file()
+
+
+def test_every_adaptation_batch_is_full(tmp_path, cnn_suite):
+    """Training-mode BatchNorm cannot normalise a one-sample batch at 1x1 resolution, so the loader
+    drops each epoch's incomplete last batch (96 train rows = 5 x 19 + 1)."""
+    algo = algorithm("layer_wise", tmp_path, batch_size=19)
+    algo.modelpool = PerTaskHeadsModelPool(suite_dir=str(cnn_suite))
+    algo.on_test_time_adaptation_start()
+    task = algo.modelpool.model_names[0]
+    batches = algo.get_shuffled_test_loader_iter(task)
+    assert [len(next(batches)[0]) for _ in range(12)] == [19] * 12

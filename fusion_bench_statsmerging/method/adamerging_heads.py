@@ -83,8 +83,11 @@ class _HeadsHooks:
             raise PoolError(f"task '{task}' has no inputs in the split that protocol '{protocol}' reads.")
         log.info("AdaMerging (%s): adapting on %d '%s' inputs of '%s', labels not read",
                  protocol, len(dataset), self._column, task)
-        loader = DataLoader(column_only_view(dataset, self._column), batch_size=self.config.batch_size,
-                            shuffle=True, num_workers=self.config.get("num_workers", 0),
+        # drop_last: the merged model adapts in training mode, where BatchNorm cannot normalise
+        # an epoch's last batch if it holds a single sample
+        batch_size = self.config.batch_size
+        loader = DataLoader(column_only_view(dataset, self._column), batch_size=batch_size, shuffle=True,
+                            drop_last=len(dataset) > batch_size, num_workers=self.config.get("num_workers", 0),
                             collate_fn=_ProcessInputs(self._processor, self._column))
         return iter(InfiniteDataLoader(loader))
 
