@@ -597,7 +597,12 @@ def mixed_batches(inputs: Mapping[str, Inputs], batch_size: int, seed: int = 0) 
     everything = concat_inputs(list(inputs.values()))
     n = len(everything["input_ids"]) if isinstance(everything, dict) else len(everything)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return [_rows(everything, order[i:i + batch_size]) for i in range(0, n, batch_size)]
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        # a one-sample batch cannot be normalised in training mode at 1x1 resolution: fold it in
+        starts.pop()
+    ends = starts[1:] + [n]
+    return [_rows(everything, order[a:b]) for a, b in zip(starts, ends)]
 
 
 def _rows(inputs: Inputs, index) -> Inputs:

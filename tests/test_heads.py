@@ -18,7 +18,8 @@ from torch import nn
 
 from fusion_bench_statsmerging.heads import (
     BatchNormMerger, HeadsBackbone, HeadsSuiteError, PerTaskHeadsModel, PerTaskHeadsModelPool,
-    PerTaskHeadsTaskPool, batchnorm_layers, batchnorm_with_stats, load_head, reestimate_batchnorm, running_stats,
+    PerTaskHeadsTaskPool, batchnorm_layers, batchnorm_with_stats, load_head, mixed_batches, reestimate_batchnorm,
+    running_stats,
 )
 from fusion_bench_statsmerging.heads_fixtures import build_tiny_cnn_suite, build_tiny_text_suite
 from fusion_bench_statsmerging.method.base import PoolError
@@ -178,6 +179,17 @@ def test_reestimate_gives_the_data_statistics():
     torch.testing.assert_close(bn.running_mean, data.mean(0))
     per_batch_var = torch.stack([data[i:i + 16].var(0) for i in range(0, 64, 16)]).mean(0)
     torch.testing.assert_close(bn.running_var, per_batch_var)
+
+
+def test_mixed_batches_cover_every_row_and_never_leave_one_alone():
+    """Re-estimation batches mix the tasks, use each row once, and never end in a one-sample batch
+    (training-mode BatchNorm cannot normalise it at 1x1 resolution)."""
+    inputs = {"a": torch.arange(10.0)[:, None], "b": torch.arange(10.0, 17.0)[:, None]}  # 17 rows
+    batches = mixed_batches(inputs, batch_size=8, seed=0)
+    assert [len(b) for b in batches] == [8, 9]
+    assert sorted(torch.cat(batches).flatten().tolist()) == list(range(17))
+    assert [len(b) for b in mixed_batches(inputs, batch_size=5)] == [5, 5, 5, 2]
+    assert [len(b) for b in mixed_batches({"a": torch.zeros(1, 1)}, batch_size=8)] == [1]
 
 
 def test_merged_statistics_follow_the_layers_coefficients_differentiably():
