@@ -204,7 +204,7 @@ HEADS_REGISTRY: Dict[str, MethodSpec] = {s.key: s for s in [
           "method.sam_rho=0.05"),
 ]}
 HEADS_DEFAULT_METHODS = [k for k in DEFAULT_METHODS if k in HEADS_REGISTRY]
-HEADS_FORMAT = "per_task_heads/1"
+HEADS_FORMAT = "per_task_heads/1"  # heads.FORMAT, not imported: this parent process stays free of torch
 
 
 def suite_family(suite: Optional[Path], modelpool: str) -> str:
@@ -814,6 +814,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error("--jobs must be at least 1")
+    args.family = suite_family(args.suite, args.modelpool or "clip_suite")
     return args
 
 
@@ -843,10 +844,9 @@ def select_specs(args: argparse.Namespace, registry: Mapping[str, MethodSpec],
 
 def build_context(args: argparse.Namespace) -> Context:
     env = dict(_key_value(e, "=", "KEY=VAL") for e in args.env)
-    family = suite_family(args.suite, args.modelpool or "clip_suite")
-    pool = "heads_suite" if family == "heads" else "clip_suite"
+    pool = "heads_suite" if args.family == "heads" else "clip_suite"
     if args.suite is not None:
-        variable = "STATSMERGING_HEADS_SUITE_DIR" if family == "heads" else "STATSMERGING_SUITE_DIR"
+        variable = "STATSMERGING_HEADS_SUITE_DIR" if args.family == "heads" else "STATSMERGING_SUITE_DIR"
         env[variable] = str(args.suite.resolve())
     per_method: Dict[str, List[str]] = {}
     for s in args.set:
@@ -869,8 +869,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv and argv[0] == CHILD_FLAG:
         return child_main(argv)
     args = parse_args(argv)
-    family = suite_family(args.suite, args.modelpool or "clip_suite")
-    builtin, defaults = family_registry(family)
+    builtin, defaults = family_registry(args.family)
     registry = dict(builtin)
     for a in args.add:
         key, overrides = _key_value(a, "=", "KEY=OVERRIDES")

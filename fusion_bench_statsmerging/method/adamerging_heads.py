@@ -36,8 +36,9 @@ from fusion_bench.method.adamerging.task_wise_adamerging import TaskWiseAdaMergi
 from fusion_bench.utils.data import InfiniteDataLoader
 
 from ..heads import _value_of, column_only_view, inputs_to
-from .adamerging_protocol import NO_LABEL
+from .adamerging_protocol import NO_LABEL, as_adamerging_config
 from .base import PoolError
+from .heads import require_heads_pool
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,7 @@ class _HeadsHooks:
 
     def on_test_time_adaptation_start(self) -> None:
         pool = self.modelpool
-        missing = [a for a in ("load_head", "load_processor", "input_column") if not hasattr(pool, a)]
-        if missing:
-            raise PoolError(f"{type(pool).__name__} is not a per-task-head pool (it lacks {missing}); use "
-                            "modelpool=heads_suite, or method=adamerging/clip for CLIP pools.")
+        require_heads_pool(pool, "method=adamerging/clip")
         device = self._device()
         self._heads = {t: pool.load_head(t).requires_grad_(False).eval().to(device) for t in pool.model_names}
         self._processor = pool.load_processor()
@@ -98,20 +96,11 @@ class _HeadsHooks:
         return self._heads[task](module(inputs))
 
 
-def _as_config(algorithm_config: Optional[DictConfig], kwargs: dict) -> DictConfig:
-    """Accept both the host's ``cls(config)`` and Hydra's ``cls(**keys)`` construction."""
-    config = algorithm_config if algorithm_config is not None else OmegaConf.create(kwargs)
-    protocol = config.get("protocol", "train_unlabeled")
-    if protocol not in PROTOCOL_LOADERS:
-        raise ValueError(f"protocol must be one of {sorted(PROTOCOL_LOADERS)}, got '{protocol}'.")
-    return config
-
-
 class HeadsLayerWiseAdaMerging(_HeadsHooks, LayerWiseAdaMergingAlgorithm):
     """Layer-wise AdaMerging (one coefficient per expert and parameter tensor), per-task heads."""
 
     def __init__(self, algorithm_config: Optional[DictConfig] = None, **kwargs):
-        super().__init__(_as_config(algorithm_config, kwargs))
+        super().__init__(as_adamerging_config(algorithm_config, kwargs, PROTOCOL_LOADERS, ""))
 
     def _device(self):
         return self.fabric.device
@@ -121,7 +110,7 @@ class HeadsTaskWiseAdaMerging(_HeadsHooks, TaskWiseAdaMergingAlgorithm):
     """Task-wise AdaMerging (one coefficient per expert), per-task heads."""
 
     def __init__(self, algorithm_config: Optional[DictConfig] = None, **kwargs):
-        super().__init__(_as_config(algorithm_config, kwargs))
+        super().__init__(as_adamerging_config(algorithm_config, kwargs, PROTOCOL_LOADERS, ""))
 
     def _device(self):
         return self._fabric.device

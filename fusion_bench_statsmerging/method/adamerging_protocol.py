@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
@@ -76,13 +76,17 @@ def unlabeled_loader_iter(algorithm, task: str, processor: Any, fabric) -> Itera
     return iter(InfiniteDataLoader(loader))
 
 
-def _as_config(algorithm_config: Optional[DictConfig], kwargs: dict) -> DictConfig:
-    """Accept both the host's ``cls(config)`` and Hydra's ``cls(**keys)`` construction."""
+_TTA_HINT = " For test-time adaptation use the host's method=adamerging/clip."
+
+
+def as_adamerging_config(algorithm_config: Optional[DictConfig], kwargs: dict,
+                         protocols: Mapping[str, str] = SPLIT_LOADERS, hint: str = _TTA_HINT) -> DictConfig:
+    """Accept both the host's ``cls(config)`` and Hydra's ``cls(**keys)`` construction, and check
+    its ``protocol`` against ``protocols`` (``hint``: what to use for a protocol not offered)."""
     config = algorithm_config if algorithm_config is not None else OmegaConf.create(kwargs)
     protocol = config.get("protocol", "train_unlabeled")
-    if protocol not in SPLIT_LOADERS:
-        raise ValueError(f"protocol must be one of {sorted(SPLIT_LOADERS)}, got '{protocol}'. For "
-                         "test-time adaptation use the host's method=adamerging/clip.")
+    if protocol not in protocols:
+        raise ValueError(f"protocol must be one of {sorted(protocols)}, got '{protocol}'.{hint}")
     return config
 
 
@@ -90,7 +94,7 @@ class CLIPLayerWiseAdaMergingTrainSplit(CLIPLayerWiseAdaMergingAlgorithm):
     """Layer-wise AdaMerging on label-free train (or validation) images."""
 
     def __init__(self, algorithm_config: Optional[DictConfig] = None, **kwargs):
-        super().__init__(_as_config(algorithm_config, kwargs))
+        super().__init__(as_adamerging_config(algorithm_config, kwargs))
 
     @functools.cache
     def get_shuffled_test_loader_iter(self, task: str) -> Iterator:
@@ -101,7 +105,7 @@ class CLIPTaskWiseAdaMergingTrainSplit(CLIPTaskWiseAdaMergingAlgorithm):
     """Task-wise AdaMerging on label-free train (or validation) images."""
 
     def __init__(self, algorithm_config: Optional[DictConfig] = None, **kwargs):
-        super().__init__(_as_config(algorithm_config, kwargs))
+        super().__init__(as_adamerging_config(algorithm_config, kwargs))
 
     @functools.cache
     def get_shuffled_test_loader_iter(self, task: str) -> Iterator:

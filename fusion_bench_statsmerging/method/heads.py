@@ -69,6 +69,16 @@ def engine_coefficients(engine: nn.Module) -> Optional[Tensor]:
     return getattr(wrapper, "merge_weight", None) if wrapper is not None else None
 
 
+def require_heads_pool(modelpool, clip_alternative: str) -> None:
+    """Refuse a pool without per-task heads, naming what it lacks and what to use instead."""
+    missing = [a for a in ("load_head", "load_processor", "input_column") if not hasattr(modelpool, a)]
+    if missing:
+        raise PoolError(
+            f"{type(modelpool).__name__} is not a per-task-head pool (it lacks {missing}). Use "
+            f"`modelpool=heads_suite` (PerTaskHeadsModelPool), or {clip_alternative} for CLIP pools."
+        )
+
+
 @auto_register_config
 class HeadsCoefficientDistillation(LightningFabricMixin, CoefficientDistillation):
     """Coefficient distillation on shared-backbone pools with one frozen head per task."""
@@ -82,12 +92,7 @@ class HeadsCoefficientDistillation(LightningFabricMixin, CoefficientDistillation
 
     # ------------------------------------------------------------------ checks
     def check_pool(self, modelpool):
-        missing = [a for a in ("load_head", "load_processor", "input_column") if not hasattr(modelpool, a)]
-        if missing:
-            raise PoolError(
-                f"{type(modelpool).__name__} is not a per-task-head pool (it lacks {missing}). Use "
-                "`modelpool=heads_suite` (PerTaskHeadsModelPool), or the CLIP methods for CLIP pools."
-            )
+        require_heads_pool(modelpool, "the CLIP methods")
         return super().check_pool(modelpool)
 
     # ------------------------------------------------------------------ family hooks
