@@ -13,6 +13,9 @@
 # Steps may be started by separate invocations (e.g. the vision build first, the rest once the
 # text assets have arrived); WORK_DIR/status has one line per finished step, and a compare step
 # waits for its suite's "built" line.
+# A CPU dry run of the whole script (plumbing only: tiny builds, quick rows):
+#   DEVICE=cpu BUILD_ARGS=--tiny COMPARE_METHODS=pretrained,individual,simple_average HETERO_METHODS=... \
+#       bash benchmarks/real_suites/gpu_real_suites.sh /tmp/rs_dry CACHE_DIR
 set -u
 W=$(realpath -m "$1"); CACHE=$(realpath -m "$2")
 mkdir -p "$W"
@@ -21,38 +24,40 @@ JOBS=${COMPARE_JOBS:-4}; TIMEOUT=${COMPARE_TIMEOUT:-900}
 HETERO_TASKS=${HETERO_TASKS:-clipart_animals mnist}
 ROWS=${COMPARE_METHODS:-pretrained,individual,simple_average,task_arithmetic,ties_merging,adamerging_layer_train,adamerging_layer,statsmerging_task,statsmerging_layer,statsmerging_plusplus,samerging}
 HETERO_ROWS=${HETERO_METHODS:-pretrained,individual,simple_average,task_arithmetic,ties_merging,adamerging_layer_train,statsmerging_task,statsmerging_layer,samerging}
+DEVICE=${DEVICE:-cuda}; BUILD_ARGS=${BUILD_ARGS:-}
+JOBS_VISION=${JOBS_VISION:-$JOBS}; JOBS_TEXT=${JOBS_TEXT:-$JOBS}; JOBS_HETERO=${JOBS_HETERO:-$JOBS}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 step() { echo "$(date +%T) $*" >>"$W/status"; }
 want() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
 wait_for() { until grep -q "^[0-9:]* $1" "$W/status" 2>/dev/null; do sleep 5; done; }
 here=$(dirname "$0")
 
-compare() {  # compare NAME SUITE METHODS [extra args...]
-  local name=$1 suite=$2 methods=$3; shift 3
-  python3 -m fusion_bench_statsmerging.compare --suite "$suite" --out "$W/compare_$name" --jobs "$JOBS" \
+compare() {  # compare NAME SUITE METHODS JOBS [extra args...]
+  local name=$1 suite=$2 methods=$3 jobs=$4; shift 4
+  python3 -m fusion_bench_statsmerging.compare --suite "$suite" --out "$W/compare_$name" --jobs "$jobs" \
     --timeout "$TIMEOUT" --methods "$methods" "$@" >"$W/compare_$name.log" 2>&1
   step "compare_$name rc=$?"
 }
 
 step "start: $STEPS"
-want vision && (python3 "$here/build_vision.py" "$W/vision" --offline --cache "$CACHE" --device cuda \
+want vision && (python3 "$here/build_vision.py" "$W/vision" --offline --cache "$CACHE" --device $DEVICE $BUILD_ARGS \
   >"$W/build_vision.log" 2>&1; step "built vision rc=$?") &
-want text && (python3 "$here/build_text.py" "$W/text" --offline --cache "$CACHE" --device cuda \
+want text && (python3 "$here/build_text.py" "$W/text" --offline --cache "$CACHE" --device $DEVICE $BUILD_ARGS \
   >"$W/build_text.log" 2>&1; step "built text rc=$?") &
 # hetero: EfficientNet-Lite0 experts, then their distillation into MobileNetV2 students once, before
 # the comparison's parallel runs all load the cached students
 want hetero && (wait_for "built vision"; python3 "$here/build_hetero_vision.py" "$W/vision" \
-  --tasks $HETERO_TASKS --offline --cache "$CACHE" --device cuda >"$W/build_hetero.log" 2>&1 && \
+  --tasks $HETERO_TASKS --offline --cache "$CACHE" --device $DEVICE $BUILD_ARGS >"$W/build_hetero.log" 2>&1 && \
   STATSMERGING_HEADS_SUITE_DIR="$W/vision" python3 -m fusion_bench.scripts.cli method=dummy \
     method._target_=fusion_bench_statsmerging.heterogeneous.DistillHeterogeneousExperts \
     modelpool=heads_suite_hetero path.log_dir="$W/hetero_distill" >"$W/hetero_distill.log" 2>&1
   step "built hetero rc=$?") &
 # BatchNorm: every row's merged backbone gets its running statistics re-estimated on 256 unlabeled
 # train images per task by the task pool, so no row is judged on statistics its merge did not define.
-BN="fabric.accelerator=cuda taskpool.batchnorm_reestimate=true"
-want compare_vision && (wait_for "built vision"; compare vision "$W/vision" "$ROWS" --extra-overrides "$BN") &
-want compare_text && (wait_for "built text"; compare text "$W/text" "$ROWS" --extra-overrides "fabric.accelerator=cuda") &
-want compare_hetero && (wait_for "built hetero"; compare hetero "$W/vision" "$HETERO_ROWS" \
+BN="fabric.accelerator=$DEVICE taskpool.batchnorm_reestimate=true"
+want compare_vision && (wait_for "built vision"; compare vision "$W/vision" "$ROWS" "$JOBS_VISION" --extra-overrides "$BN") &
+want compare_text && (wait_for "built text"; compare text "$W/text" "$ROWS" "$JOBS_TEXT" --extra-overrides "fabric.accelerator=$DEVICE") &
+want compare_hetero && (wait_for "built hetero"; compare hetero "$W/vision" "$HETERO_ROWS" "$JOBS_HETERO" \
   --modelpool heads_suite_hetero --taskpool heads_suite --extra-overrides "$BN") &
 wait
 step "done: $STEPS"
