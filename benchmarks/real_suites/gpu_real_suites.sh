@@ -13,6 +13,10 @@
 # Steps may be started by separate invocations (e.g. the vision build first, the rest once the
 # text assets have arrived); WORK_DIR/status has one line per finished step, and a compare step
 # waits for its suite's "built" line.
+# Measured on one H100 (2026-11-23, docs/benchmarks.md): builds 66 s (text), 238 s (vision), 4m50 s
+# (hetero: two EfficientNet experts and their distillation); the host's layer-wise AdaMerging is the
+# long row (1.2-1.5 steps/s, about 14 min for its 1000 steps on MobileNetV2, 5 min on MiniLM), so the
+# default row limit is 30 min and the long rows are asked for first; everything else takes 0.5-3 min.
 # A CPU dry run of the whole script (plumbing only: tiny builds, quick rows):
 #   DEVICE=cpu BUILD_ARGS=--tiny COMPARE_METHODS=pretrained,individual,simple_average HETERO_METHODS=... \
 #       bash benchmarks/real_suites/gpu_real_suites.sh /tmp/rs_dry CACHE_DIR
@@ -20,10 +24,10 @@ set -u
 W=$(realpath -m "$1"); CACHE=$(realpath -m "$2")
 mkdir -p "$W"
 STEPS=${STEPS:-vision text hetero compare_vision compare_text compare_hetero}
-JOBS=${COMPARE_JOBS:-4}; TIMEOUT=${COMPARE_TIMEOUT:-900}
+JOBS=${COMPARE_JOBS:-6}; TIMEOUT=${COMPARE_TIMEOUT:-1800}
 HETERO_TASKS=${HETERO_TASKS:-clipart_animals mnist}
-ROWS=${COMPARE_METHODS:-pretrained,individual,simple_average,task_arithmetic,ties_merging,adamerging_layer_train,adamerging_layer,statsmerging_task,statsmerging_layer,statsmerging_plusplus,samerging}
-HETERO_ROWS=${HETERO_METHODS:-pretrained,individual,simple_average,task_arithmetic,ties_merging,adamerging_layer_train,statsmerging_task,statsmerging_layer,samerging}
+ROWS=${COMPARE_METHODS:-adamerging_layer_train,samerging,statsmerging_plusplus,statsmerging_layer,statsmerging_task,pretrained,individual,simple_average,task_arithmetic,ties_merging}
+HETERO_ROWS=${HETERO_METHODS:-adamerging_layer_train,samerging,statsmerging_layer,statsmerging_task,pretrained,individual,simple_average,task_arithmetic,ties_merging}
 DEVICE=${DEVICE:-cuda}; BUILD_ARGS=${BUILD_ARGS:-}
 JOBS_VISION=${JOBS_VISION:-$JOBS}; JOBS_TEXT=${JOBS_TEXT:-$JOBS}; JOBS_HETERO=${JOBS_HETERO:-$JOBS}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
