@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Any, Dict, List, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -42,9 +42,14 @@ EVALUATING_TASKPOOL = {
     "clip-vit-large-patch14_TA8": "clip-vit-classification_TA8_L14",
     "clip-vit-base-patch32_TALL14": "clip-vit-classification_TALL14",
     "clip-vit-base-patch32_TALL20": "clip-vit-classification_TALL20",
+    "clip-vit-base-patch16_TALL14": "clip-vit-classification_TALL14_B16",
+    "clip-vit-base-patch16_TALL20": "clip-vit-classification_TALL20_B16",
+    "clip-vit-large-patch14_TALL14": "clip-vit-classification_TALL14_L14",
+    "clip-vit-large-patch14_TALL20": "clip-vit-classification_TALL20_L14",
     "clip_suite": "clip_suite",
     "clip_suite_hetero": "clip_suite",
     "heads_suite": "heads_suite",
+    "heads_suite_hetero": "heads_suite",
     "clip-vit-base-patch32_TA8_hetero": "clip-vit-classification_TA8",
     **{pool: "flan-t5_glue_text_generation" for pool in (
         "flan-t5-base_glue", "flan-t5-base_glue_lora16", "flan-t5-large_glue_lora16",
