@@ -11,8 +11,9 @@
 #   STEPS="vision text hetero compare_vision compare_text compare_hetero" \
 #       bash benchmarks/real_suites/gpu_real_suites.sh WORK_DIR CACHE_DIR
 # Steps may be started by separate invocations (e.g. the vision build first, the rest once the
-# text assets have arrived); WORK_DIR/status has one line per finished step, and a compare step
-# waits for its suite's "built" line.
+# text assets have arrived); WORK_DIR/status has one line per finished step. A compare step waits for
+# its suite's build when the same invocation makes it, and otherwise uses the suite already in WORK_DIR
+# (e.g. STEPS=compare_vision COMPARE_METHODS=adamerging_layer_train adds one row to an earlier build).
 # Measured on one H100 (2026-11-23, docs/benchmarks.md): builds 66 s (text), 238 s (vision), 4m50 s
 # (hetero: two EfficientNet experts and their distillation); the host's layer-wise AdaMerging is the
 # long row (1.2-1.5 steps/s, about 14 min for its 1000 steps on MobileNetV2, 5 min on MiniLM), so the
@@ -33,7 +34,13 @@ JOBS_VISION=${JOBS_VISION:-$JOBS}; JOBS_TEXT=${JOBS_TEXT:-$JOBS}; JOBS_HETERO=${
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 step() { echo "$(date +%T) $*" >>"$W/status"; }
 want() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
-wait_for() { until grep -q "^[0-9:]* $1" "$W/status" 2>/dev/null; do sleep 5; done; }
+# a step that needs a build waits for it only when this invocation makes that build (its "built" line
+# after this invocation's start); otherwise the suite is expected from an earlier invocation
+START=$(cat "$W/status" 2>/dev/null | wc -l)
+wait_for() {  # wait_for BUILD_STEP (vision | text | hetero)
+  want "$1" || return 0
+  until tail -n +$((START + 1)) "$W/status" 2>/dev/null | grep -q "^[0-9:]* built $1"; do sleep 5; done
+}
 here=$(dirname "$0")
 
 compare() {  # compare NAME SUITE METHODS JOBS [extra args...]
@@ -50,7 +57,7 @@ want text && (python3 "$here/build_text.py" "$W/text" --offline --cache "$CACHE"
   >"$W/build_text.log" 2>&1; step "built text rc=$?") &
 # hetero: EfficientNet-Lite0 experts, then their distillation into MobileNetV2 students once, before
 # the comparison's parallel runs all load the cached students
-want hetero && (wait_for "built vision"; python3 "$here/build_hetero_vision.py" "$W/vision" \
+want hetero && (wait_for vision; python3 "$here/build_hetero_vision.py" "$W/vision" \
   --tasks $HETERO_TASKS --offline --cache "$CACHE" --device $DEVICE $BUILD_ARGS >"$W/build_hetero.log" 2>&1 && \
   STATSMERGING_HEADS_SUITE_DIR="$W/vision" python3 -m fusion_bench.scripts.cli method=dummy \
     method._target_=fusion_bench_statsmerging.heterogeneous.DistillHeterogeneousExperts \
@@ -59,9 +66,9 @@ want hetero && (wait_for "built vision"; python3 "$here/build_hetero_vision.py" 
 # BatchNorm: every row's merged backbone gets its running statistics re-estimated on 256 unlabeled
 # train images per task by the task pool, so no row is judged on statistics its merge did not define.
 BN="fabric.accelerator=$DEVICE taskpool.batchnorm_reestimate=true"
-want compare_vision && (wait_for "built vision"; compare vision "$W/vision" "$ROWS" "$JOBS_VISION" --extra-overrides "$BN") &
-want compare_text && (wait_for "built text"; compare text "$W/text" "$ROWS" "$JOBS_TEXT" --extra-overrides "fabric.accelerator=$DEVICE") &
-want compare_hetero && (wait_for "built hetero"; compare hetero "$W/vision" "$HETERO_ROWS" "$JOBS_HETERO" \
+want compare_vision && (wait_for vision; compare vision "$W/vision" "$ROWS" "$JOBS_VISION" --extra-overrides "$BN") &
+want compare_text && (wait_for text; compare text "$W/text" "$ROWS" "$JOBS_TEXT" --extra-overrides "fabric.accelerator=$DEVICE") &
+want compare_hetero && (wait_for hetero; compare hetero "$W/vision" "$HETERO_ROWS" "$JOBS_HETERO" \
   --modelpool heads_suite_hetero --taskpool heads_suite --extra-overrides "$BN") &
 wait
 step "done: $STEPS"
