@@ -13,7 +13,7 @@
 # Steps may be started by separate invocations (e.g. the vision build first, the rest once the
 # text assets have arrived); WORK_DIR/status has one line per finished step. A compare step waits for
 # its suite's build when the same invocation makes it, and otherwise uses the suite already in WORK_DIR
-# (e.g. STEPS=compare_vision COMPARE_METHODS=adamerging_layer_train adds one row to an earlier build).
+# (e.g. STEPS=compare_vision COMPARE_METHODS=... reruns rows on an earlier build; it rewrites compare_vision/).
 # Measured on one H100 (2026-11-23, docs/benchmarks.md): builds 66 s (text), 238 s (vision), 4m50 s
 # (hetero: two EfficientNet experts and their distillation); the host's layer-wise AdaMerging is the
 # long row (1.2-1.5 steps/s, about 14 min for its 1000 steps on MobileNetV2, 5 min on MiniLM), so the
