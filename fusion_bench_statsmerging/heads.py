@@ -242,6 +242,14 @@ def save_head(head: nn.Linear, path: str | os.PathLike) -> Path:
     return path
 
 
+def save_expert(backbone: HeadsBackbone, head: nn.Linear, directory: str | os.PathLike) -> Path:
+    """Write an expert directory (backbone + ``head.safetensors``); the head goes last, so its file
+    marks a complete directory."""
+    save_backbone(backbone, directory)
+    save_head(head, Path(directory) / HEAD_FILE)
+    return Path(directory)
+
+
 # --------------------------------------------------------------------------- preprocessing
 class ImageProcessor:
     """PIL images -> normalised (N, C, H, W) float tensor (resize, mode, mean/std), no torchvision."""

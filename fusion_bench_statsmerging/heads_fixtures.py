@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .heads import FORMAT, HeadsBackbone, save_backbone, save_head
+from .heads import FORMAT, HeadsBackbone, save_backbone, save_expert
 
 SPLITS = {"train": 96, "validation": 32, "test": 64}
 IMAGE_TASKS = ["tiny_colors", "tiny_stripes", "tiny_quadrant"]
@@ -107,8 +107,7 @@ def _write_expert(directory: Path, backbone: HeadsBackbone, dim: int, num_classe
     torch.manual_seed(seed + 100 + index)
     head = nn.Linear(dim, num_classes)
     _train(expert, head, *train, steps, lr, seed + index)
-    save_backbone(expert, directory)
-    save_head(head, directory / "head.safetensors")
+    save_expert(expert, head, directory)
     return {"expert_test_accuracy": _accuracy(expert, head, *test),
             "pretrained_with_expert_head_test_accuracy": _accuracy(backbone, head, *test)}
 

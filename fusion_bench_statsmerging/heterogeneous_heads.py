@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from .distillation import _image_of, image_only_view
 from .heads import (
     FORMAT, HEAD_FILE, HeadsBackbone, HeadsSuite, ImageProcessor, PerTaskHeadsModelPool,
-    build_backbone, check_description, load_head, save_backbone, save_head,
+    build_backbone, check_description, load_head, save_expert,
 )
 from .heterogeneous import (
     DistillationSettings, DistilledExpertsMixin, HeteroPoolError, _as_plain, _safe, cache_key, distill_student,
@@ -84,8 +84,7 @@ class HeadsClassifier(nn.Module):
         return self.head(self.backbone(inputs))
 
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
-        save_backbone(self.backbone, directory)
-        save_head(self.head, Path(directory) / HEAD_FILE)  # written last: the cache's completeness marker
+        save_expert(self.backbone, self.head, directory)  # head last: the cache's completeness marker
 
 
 # --------------------------------------------------------------------------- experts

