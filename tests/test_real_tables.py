@@ -28,3 +28,31 @@ def test_rows_in_reading_order_with_failures_and_references():
     assert "| **60.00** | 12 |" in lines[4]
     assert "timeout: timed out after 840 s" in lines[3]
     assert lines[-1].endswith("| 80.00 | 60.00 | 70.00 | |")  # a reference the manifest lacks is left out
+
+
+def test_docs_tables_are_the_committed_results():
+    """Each GPU table in docs/benchmarks.md is tables.py's output on the raw results committed beside it,
+    so no figure there is typed by hand."""
+    import json
+
+    import pytest
+
+    docs = (REPO_ROOT / "docs" / "benchmarks.md").read_text()
+    for suite in ("vision", "hetero", "text"):
+        folder = REPO_ROOT / "docs" / "results" / f"real_{suite}_gpu"
+        manifest_path = folder / "manifest.json"
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+        rendered = tables.table(json.loads((folder / "results.json").read_text()), manifest).strip()
+        if rendered not in docs:
+            pytest.fail(f"docs/benchmarks.md lacks the {suite} table that tables.py prints from {folder}")
+
+
+def test_builder_readme_quotes_the_committed_vision_manifest():
+    """The last column of benchmarks/real_suites/README.md's expert table is the GPU build's manifest."""
+    import json
+
+    manifest = json.loads((REPO_ROOT / "docs" / "results" / "real_vision_gpu" / "manifest.json").read_text())
+    readme = (REPO_ROOT / "benchmarks" / "real_suites" / "README.md").read_text().splitlines()
+    for task, entry in manifest["tasks"].items():
+        row = next(line for line in readme if line.startswith(f"| {task} | "))
+        assert row.endswith(f"| {entry['expert_test_accuracy']:.3f} |"), (task, row)

@@ -16,8 +16,9 @@
 # (e.g. STEPS=compare_vision COMPARE_METHODS=... reruns rows on an earlier build; it rewrites compare_vision/).
 # Measured on one H100 (2026-11-23, docs/benchmarks.md): builds 66 s (text), 238 s (vision), 4m50 s
 # (hetero: two EfficientNet experts and their distillation); the host's layer-wise AdaMerging is the
-# long row (1.2-1.5 steps/s, about 14 min for its 1000 steps on MobileNetV2, 5 min on MiniLM), so the
-# default row limit is 30 min and the long rows are asked for first; everything else takes 0.5-3 min.
+# long row (1.2-1.5 steps/s, about 14 min for its 1000 steps on MobileNetV2, 5 min on MiniLM; 10 min on
+# one H200 with nine rows beside it, 2026-12-02), so the default row limit is 30 min and the long rows
+# are asked for first; everything else takes 0.5-3 min.
 # A CPU dry run of the whole script (plumbing only: tiny builds, quick rows):
 #   DEVICE=cpu BUILD_ARGS=--tiny COMPARE_METHODS=pretrained,individual,simple_average HETERO_METHODS=... \
 #       bash benchmarks/real_suites/gpu_real_suites.sh /tmp/rs_dry CACHE_DIR
