@@ -64,6 +64,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/real_suites/: shared asset helpers
 from assets import DEFAULT_CACHE, deb_asset, pip_asset, sha256, text_dataset  # noqa: E402
+from probe import linear_probe  # noqa: E402
 from fusion_bench_statsmerging.heads import (  # noqa: E402
     FORMAT, HeadsBackbone, TextProcessor, save_backbone, save_expert,
 )
@@ -394,34 +395,6 @@ def finetune(backbone: HeadsBackbone, head: nn.Linear, train: Tuple[Inputs, Tens
     return {"validation_accuracy": acc, "best_step": step, "validation_curve": curve}
 
 
-def linear_probe(train: Tuple[Tensor, Tensor], validation: Tuple[Tensor, Tensor], test: Tuple[Tensor, Tensor],
-                 num_classes: int, seed: int, steps: int = 300,
-                 l2s: Tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2)) -> dict:
-    """Reference: a linear head on frozen pretrained features (standardised on train), full-batch
-    Adam; the L2 strength and step are chosen on validation, test only reported."""
-    (x, y), (xv, yv), (xt, yt) = train, validation, test
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    x, xv, xt = (x - mean) / std, (xv - mean) / std, (xt - mean) / std
-    y = y.to(x.device)
-    best = None
-    for l2 in l2s:
-        torch.manual_seed(seed)
-        head = nn.Linear(x.shape[1], num_classes).to(x.device)
-        opt = torch.optim.Adam(head.parameters(), lr=1e-2)
-        for step in range(1, steps + 1):
-            loss = F.cross_entropy(head(x), y) + l2 * head.weight.pow(2).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if step % 25 == 0:
-                with torch.no_grad():
-                    acc = accuracy_of(head(xv), yv)
-                    if best is None or acc > best["validation_accuracy"]:
-                        best = {"validation_accuracy": acc, "l2": l2, "step": step,
-                                "test_accuracy": accuracy_of(head(xt), yt)}
-    return best
-
-
 # --------------------------------------------------------------------------- build
 def versions() -> Dict[str, str]:
     import datasets
@@ -478,7 +451,10 @@ def build(out: Path, scale_name: str = "full", tasks: Optional[List[str]] = None
             ds.save_to_disk(str(out / "data" / task / split))
         data = {s: (processor(ds["text"]), torch.tensor(ds["label"])) for s, ds in splits[task].items()}
         frozen = {s: features(pretrained, x, device) for s, (x, _) in data.items()}
-        probe = linear_probe(*[(frozen[s], data[s][1]) for s in SPLITS], len(TASKS[task][0]), seed=seed + i)
+        probe_head, probe = linear_probe((frozen["train"], data["train"][1]),
+                                         (frozen["validation"], data["validation"][1]),
+                                         len(TASKS[task][0]), seed=seed + i, penalty="l2")
+        probe["test_accuracy"] = accuracy_of(probe_head.to(device)(frozen["test"]), data["test"][1])
         expert = copy.deepcopy(pretrained)
         torch.manual_seed(seed + 100 + i)
         head = nn.Linear(pretrained.model.config.hidden_size, len(TASKS[task][0]))

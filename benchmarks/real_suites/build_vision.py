@@ -64,6 +64,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the CLIP suite's source loaders
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/real_suites/: shared asset helpers
 from assets import DEFAULT_CACHE, deb_asset, image_dataset, pip_asset, sha256  # noqa: E402
+from probe import linear_probe  # noqa: E402
 from clip_suite.sources import (  # noqa: E402
     FASHION_CLASSES, SCENE_SOURCES, load_fashion_mnist, load_scene_images, load_sklearn_digits,
 )
@@ -485,41 +486,6 @@ def features(backbone: HeadsBackbone, pixels: torch.Tensor, device, batch: int =
     """Frozen backbone features (eval mode: the pretrained running statistics)."""
     backbone.to(device, memory_format=CHANNELS_LAST).eval()
     return torch.cat([backbone(_batch(pixels[i:i + batch], device)) for i in range(0, len(pixels), batch)])
-
-
-def linear_probe(train: Tuple[torch.Tensor, torch.Tensor], validation: Tuple[torch.Tensor, torch.Tensor],
-                 num_classes: int, seed: int, weight_decays: Sequence[float] = (0.0, 1e-4, 1e-3, 1e-2),
-                 steps: int = 300, lr: float = 1e-2, eval_every: int = 25) -> Tuple[nn.Linear, Dict[str, Any]]:
-    """Logistic regression on frozen features: what the pretrained backbone gives without fine-tuning.
-
-    Full-batch Adam on standardised features; weight decay and step are chosen on validation; the
-    standardisation is folded into the returned head, which takes raw features.
-    """
-    (x, y), (xv, yv) = train, validation
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    z, zv = (x - mean) / std, (xv - mean) / std
-    best: Dict[str, Any] = {"validation_accuracy": -1.0}
-    for wd in weight_decays:
-        torch.manual_seed(seed)
-        head = nn.Linear(x.shape[1], num_classes).to(x.device)
-        opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=wd)
-        for step in range(1, steps + 1):
-            loss = F.cross_entropy(head(z), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if step % eval_every == 0:
-                with torch.no_grad():
-                    acc = float((head(zv).argmax(-1) == yv).float().mean())
-                if acc > best["validation_accuracy"]:
-                    best.update(validation_accuracy=acc, weight_decay=wd, step=step,
-                                weight=head.weight.detach() / std, bias=head.bias.detach() - head.weight.detach() @ (
-                                    mean / std))
-    probe = nn.Linear(x.shape[1], num_classes)
-    with torch.no_grad():
-        probe.weight.copy_(best.pop("weight"))
-        probe.bias.copy_(best.pop("bias"))
-    return probe.eval(), best
 
 
 def pretrained_state(cache: Path, offline: bool = False) -> Tuple[Dict[str, torch.Tensor], str]:
