@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import time
@@ -36,11 +35,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/real_suites/: build_vision, assets
 from assets import DEFAULT_CACHE, pip_asset, sha256  # noqa: E402
-from build_vision import accuracy, finetune  # noqa: E402
+from build_vision import accuracy, fit_expert  # noqa: E402
 from fusion_bench_statsmerging.backbones import EfficientNetLite0Features, efficientnet_lite0_state  # noqa: E402
 from fusion_bench_statsmerging.heads import (  # noqa: E402
     FORMAT, HeadsBackbone, HeadsSuite, ImageProcessor, save_expert,
@@ -122,12 +120,10 @@ def build(suite_dir: Path, tasks: Sequence[str], out: Optional[Path] = None, sca
         start = time.time()
         (x, y), (xv, yv), (xt, yt) = (_split(suite, task, s, processor) for s in ("train", "validation", "test"))
         classes = len(suite.tasks[task]["classnames"])
-        steps = min(scale["steps"], math.ceil(scale["max_epochs"] * len(y) / scale["batch_size"]))
-        expert = pretrained_efficientnet(path)
-        torch.manual_seed(seed + 100 + i)
-        head = nn.Linear(expert.model.out_features, classes)
-        selection = finetune(expert, head, x, y, steps, scale["batch_size"], scale["lr"], seed + i, device_,
-                             validation=(xv, yv), eval_every=scale["eval_every"])
+        expert = pretrained_efficientnet(path)  # built before seeding, as the published experts were
+        head, selection = fit_expert(expert, expert.model.out_features, classes, (x, y), (xv, yv), scale, seed + i,
+                                     device_)
+        steps = selection["steps"]
         directory = out / task
         save_expert(expert.cpu(), head.cpu(), directory)
         (directory / EXPERT_FILE).write_text(json.dumps(

@@ -470,6 +470,22 @@ def finetune(backbone: HeadsBackbone, head: nn.Linear, pixels: torch.Tensor, lab
             "validation_curve": curve}
 
 
+def fit_expert(expert: HeadsBackbone, out_features: int, num_classes: int,
+               train: Tuple[torch.Tensor, torch.Tensor], validation: Tuple[torch.Tensor, torch.Tensor],
+               scale: Dict[str, Any], seed: int, device) -> Tuple[nn.Linear, Dict[str, Any]]:
+    """The recipe every image expert of the real suites shares (MobileNetV2 here, EfficientNet-Lite0 in
+    build_hetero_vision.py): a new head seeded apart from the data order, ``scale["steps"]`` capped at
+    ``max_epochs`` passes over train, the best validation state kept. Fine-tunes ``expert`` in place;
+    returns the head and ``finetune``'s selection (which holds ``steps``)."""
+    x, y = train
+    steps = min(scale["steps"], math.ceil(scale.get("max_epochs", math.inf) * len(y) / scale["batch_size"]))
+    torch.manual_seed(seed + 100)
+    head = nn.Linear(out_features, num_classes)
+    selection = finetune(expert, head, x, y, steps, scale["batch_size"], scale["lr"], seed, device,
+                         validation=validation, eval_every=scale.get("eval_every", 0))
+    return head, selection
+
+
 @torch.no_grad()
 def accuracy(backbone, head, pixels, labels, device, batch: int = 256) -> float:
     backbone.to(device, memory_format=CHANNELS_LAST).eval()
@@ -584,12 +600,9 @@ def build(out: Path, scale_name: str = "full", tasks: List[str] | None = None, s
         probe_test = float((probe.to(device)(feats[2]).argmax(-1).cpu() == yt).float().mean())
         # the expert: backbone + a new head (a head started from the probe, LP-FT, did worse in the tiny build:
         # the probe's weights are scaled by 1 / feature std and blow up once BatchNorm uses batch statistics)
-        steps = min(scale["steps"], math.ceil(scale.get("max_epochs", math.inf) * len(y) / scale["batch_size"]))
         expert = copy.deepcopy(pretrained)
-        torch.manual_seed(seed + 100 + i)
-        head = nn.Linear(net.out_features, num_classes)
-        selection = finetune(expert, head, x, y, steps, scale["batch_size"], scale["lr"], seed + i, device,
-                             validation=(xv, yv), eval_every=scale.get("eval_every", 0))
+        head, selection = fit_expert(expert, net.out_features, num_classes, (x, y), (xv, yv), scale, seed + i, device)
+        steps = selection["steps"]
         save_expert(expert.cpu(), head.cpu(), out / "experts" / task)
         manifest["tasks"][task] = {
             "classes": num_classes,
