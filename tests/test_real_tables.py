@@ -1,6 +1,9 @@
 """The docs table of a real suite (benchmarks/real_suites/tables.py), from compare results."""
 
+import json
 import sys
+
+import pytest
 
 from conftest import REPO_ROOT
 
@@ -33,10 +36,6 @@ def test_rows_in_reading_order_with_failures_and_references():
 def test_docs_tables_are_the_committed_results():
     """Each GPU table in docs/benchmarks.md is tables.py's output on the raw results committed beside it,
     so no figure there is typed by hand."""
-    import json
-
-    import pytest
-
     docs = (REPO_ROOT / "docs" / "benchmarks.md").read_text()
     for suite in ("vision", "hetero", "text"):
         folder = REPO_ROOT / "docs" / "results" / f"real_{suite}_gpu"
@@ -49,8 +48,6 @@ def test_docs_tables_are_the_committed_results():
 
 def test_builder_readme_quotes_the_committed_vision_manifest():
     """The last column of benchmarks/real_suites/README.md's expert table is the GPU build's manifest."""
-    import json
-
     manifest = json.loads((REPO_ROOT / "docs" / "results" / "real_vision_gpu" / "manifest.json").read_text())
     readme = (REPO_ROOT / "benchmarks" / "real_suites" / "README.md").read_text().splitlines()
     for task, entry in manifest["tasks"].items():

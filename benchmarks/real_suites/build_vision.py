@@ -602,12 +602,11 @@ def build(out: Path, scale_name: str = "full", tasks: List[str] | None = None, s
         # the probe's weights are scaled by 1 / feature std and blow up once BatchNorm uses batch statistics)
         expert = copy.deepcopy(pretrained)
         head, selection = fit_expert(expert, net.out_features, num_classes, (x, y), (xv, yv), scale, seed + i, device)
-        steps = selection["steps"]
         save_expert(expert.cpu(), head.cpu(), out / "experts" / task)
         manifest["tasks"][task] = {
             "classes": num_classes,
             "sizes": {s: len(ds) for s, ds in splits.items()},
-            "steps": steps,
+            "steps": selection["steps"],
             "expert_best_step": selection["best_step"],
             "expert_validation_accuracy": selection["validation_accuracy"],
             "expert_test_accuracy": accuracy(expert, head, xt, yt, device),
