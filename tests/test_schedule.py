@@ -87,3 +87,17 @@ def test_validation_selection_reads_no_label_and_no_test_image(tmp_path, modelpo
     assert selection["agreement_by_step"][str(best_step)] == selection["best_agreement"]
     learner = torch.load(tmp_path / "artifacts" / "learner.pt")
     assert learner is not None
+
+
+def test_feature_distillation_adds_the_experts_features_to_the_loss(tmp_path, modelpool, cpu_fabric):
+    """With feature_weight the targets carry each expert's features and the loss grows by their misfit."""
+    runs = {}
+    for weight in (0.0, 1.0):
+        algorithm = make_algorithm(tmp_path / str(weight), cpu_fabric, max_steps=2, lr_step_size=None,
+                                   feature_weight=weight, residual=True)
+        algorithm.run(modelpool)
+        runs[weight] = json.loads((tmp_path / str(weight) / "artifacts" / "statsmerging_report.json").read_text())
+    first = {w: r["history"][0]["train/loss"] for w, r in runs.items()}
+    assert first[1.0] > first[0.0] + 1e-4  # same merge at step 0; the feature term is positive
+    with pytest.raises(ValueError, match="feature_weight"):
+        make_algorithm(tmp_path / "gt", cpu_fabric, feature_weight=1.0, protocol="train_ground_truth")

@@ -28,7 +28,8 @@ BASE_CONFIG = "method=statsmerging_residual_heads"
 # key -> (what differs from the committed configuration, overrides on top of BASE_CONFIG)
 CANDIDATES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     "ablation_r_last": ("last state instead of label-free validation selection", ("method.select_by=last",)),
-    "ablation_r_hard": ("hard pseudo labels + CE instead of KL at T = 2", ("method.loss=hard",)),
+    "ablation_r_feat": ("plus feature distillation: relative squared error to each expert's backbone output "
+                        "(weight 1)", ("method.feature_weight=1.0",)),
     "ablation_r_nores": ("no residual: the learner alone (StatsMerging with the same recipe)",
                          ("method.residual=false",)),
     "ablation_r_zero": ("start at 0 (the pretrained model; unbounded learner output) instead of 0.3",

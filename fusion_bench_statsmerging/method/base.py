@@ -27,7 +27,7 @@ from fusion_bench.mixins import SimpleProfilerMixin
 
 from .. import artifacts
 from ..distillation import (
-    LOSSES, agreement, distillation_loss, get_protocol, load_labels, num_fit_samples, sample_indices,
+    LOSSES, agreement, distillation_loss, feature_loss, get_protocol, load_labels, num_fit_samples, sample_indices,
 )
 from ..merge import HostLayerWiseEngine, check_same_architecture, trainable_names
 from ..schedule import Schedule, check_schedule, resolve_schedule
@@ -81,6 +81,11 @@ AUTOCAST_DTYPES = {None: None, "none": None, "bf16": torch.bfloat16, "bfloat16":
 Inputs = Union[Tensor, Dict[str, Tensor]]
 
 
+def target_logits(targets) -> Tensor:
+    """The teacher logits (or labels) of a task's targets, also when features travel beside them."""
+    return targets["logits"] if isinstance(targets, dict) else targets
+
+
 def take(inputs: Inputs, index) -> Inputs:
     """Rows ``index`` of a tensor or of every tensor of a dict."""
     if isinstance(inputs, dict):
@@ -123,6 +128,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         protocol: str = "train_unlabeled",
         loss: str = "hard",
         temperature: float = 1.0,
+        feature_weight: float = 0.0,
         data_fraction: float = 0.01,
         min_samples_per_task: Optional[int] = None,
         max_samples_per_task: Optional[int] = None,
@@ -180,6 +186,11 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             raise ValueError(f"select_every and select_samples must be >= 1, got {select_every} and {select_samples}.")
         if not 0 < data_fraction <= 1:
             raise ValueError(f"data_fraction must be in (0, 1], got {data_fraction}.")
+        if float(feature_weight) < 0:
+            raise ValueError(f"feature_weight must be >= 0 (0: logits only), got {feature_weight}.")
+        if float(feature_weight) > 0 and self._protocol.ground_truth:
+            raise ValueError("feature_weight distils the experts' features; protocol train_ground_truth has no "
+                             "teacher. Set feature_weight: 0 or choose a label-free protocol.")
         if temperature <= 0 or lr <= 0:
             raise ValueError(f"temperature and lr must be positive, got {temperature} and {lr}.")
         super().__init__(**kwargs)
@@ -207,7 +218,16 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
 
     def merged_logits(self, engine: nn.Module, inputs: Dict[str, Inputs]) -> Dict[str, Tensor]:
         """The merged model's logits for each task's inputs (on the fabric's device)."""
-        raise NotImplementedError
+        return self.merged_outputs(engine, inputs)[0]
+
+    def merged_outputs(self, engine: nn.Module, inputs: Dict[str, Inputs]):
+        """(logits, features) of the merged model per task; features None where the family has none.
+        A family implements this or :meth:`merged_logits`."""
+        return self.merged_logits(engine, inputs), None
+
+    def teacher_features(self, expert: nn.Module, task: str, inputs: Inputs) -> Tensor:
+        """The expert's features (what its head reads) on its task's inputs, for ``feature_weight``."""
+        raise PoolError(f"{type(self).__name__} has no feature distillation; set feature_weight: 0.")
 
     # ------------------------------------------------------------------ checks
     def check_pool(self, modelpool) -> Dict[str, object]:
@@ -281,6 +301,8 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         teacher = expert.to(self.fabric.device).eval()
         with torch.no_grad():
             logits = self.teacher_targets(teacher, task, inputs)
+            if float(self.feature_weight) > 0:
+                logits = {"logits": logits, "features": self.teacher_features(teacher, task, inputs).float().cpu()}
         teacher.cpu()
         return inputs, logits
 
@@ -311,7 +333,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             with self.autocast_context():
                 logits = self.merged_logits(engine, {t: self.fabric.to_device(x) for t, x in chunk.items()})
             for t, lg in logits.items():
-                tgt = targets[t][start:start + self.batch_size].to(lg.device)
+                tgt = target_logits(targets[t])[start:start + self.batch_size].to(lg.device)
                 hits[t] += agreement(lg.float(), tgt) * num_rows(chunk[t])
         return float(sum(hits[t] / num_rows(inputs[t]) for t in inputs) / len(inputs))
 
@@ -327,7 +349,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
                     order[t], pos[t] = torch.randperm(num_rows(pixels[t]), generator=gen), 0
                 i = order[t][pos[t] : pos[t] + self.batch_size]
                 pos[t] += self.batch_size
-                batch[t] = (take(pixels[t], i), targets[t][i])
+                batch[t] = (take(pixels[t], i), take(targets[t], i))
             yield batch
 
     # ------------------------------------------------------------------ training
@@ -340,12 +362,19 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         return torch.autocast(device_type=self.fabric.device.type, dtype=dtype)
 
     def task_losses(self, engine: nn.Module, batch: Dict[str, tuple]) -> Dict[str, Tensor]:
-        """The merged model's loss on each task's batch against that task's targets."""
+        """The merged model's loss on each task's batch against that task's targets (and, with
+        ``feature_weight``, against the expert's features too)."""
         device = self.fabric.device
         with self.autocast_context():
-            logits = self.merged_logits(engine, {task: b[0] for task, b in batch.items()})
-        return {task: distillation_loss(logits[task].float(), tgt.to(device), self.loss, self.temperature)
-                for task, (_, tgt) in batch.items()}
+            logits, features = self.merged_outputs(engine, {task: b[0] for task, b in batch.items()})
+        losses = {}
+        for task, (_, tgt) in batch.items():
+            loss = distillation_loss(logits[task].float(), target_logits(tgt).to(device), self.loss, self.temperature)
+            if isinstance(tgt, dict) and features is not None:
+                loss = loss + float(self.feature_weight) * feature_loss(features[task].float(),
+                                                                         tgt["features"].to(device))
+            losses[task] = loss
+        return losses
 
     def closure_loss(self, engine, coefficient_module, batch) -> tuple[Tensor, Dict[str, Tensor]]:
         """Merge at the module's current coefficients and return the mean task loss.
@@ -499,7 +528,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         result = {}
         for task in pixels:
             logits = self.merged_logits(engine, {task: take(pixels[task], slice(0, 256))})[task].float().cpu()
-            result[task] = agreement(logits, targets[task][:256].cpu())
+            result[task] = agreement(logits, target_logits(targets[task])[:256].cpu())
         return result
 
     def phase_seconds(self) -> Dict[str, float]:
