@@ -42,8 +42,13 @@ from merge_speed import MODELS  # noqa: E402
 TEXT = {"tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
         "b32": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
         "l14": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)}
-VARIANTS = {"default": [], "bf16": ["method.autocast=bf16"],
-            "bf16-tv": ["method.autocast=bf16", "method.task_vector_dtype=bfloat16"]}
+# variant -> overrides; a variant whose first override names another method runs that config with its
+# own data budget and schedule (e.g. the recommended StatsMerging-R: 1600 images per task, 10 epochs,
+# SAM, label-free selection on 256 validation images per task)
+VARIANTS = {"default": [], "fp32": ["method.autocast=null"], "bf16": ["method.autocast=bf16"],
+            "bf16-tv": ["method.autocast=bf16", "method.task_vector_dtype=bfloat16"],
+            "residual": ["method=statsmerging_residual"]}
+VALIDATION_IMAGES = 256
 NUM_CLASSES = 10
 TEMPLATES = ["a photo of a {}.", "an image of a {}."]
 
@@ -111,7 +116,7 @@ def save_data(root: Path, tasks: List[str], size: int, n_train: int, seed: int) 
     names = [f"class {i}" for i in range(NUM_CLASSES)]
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
     for task in tasks:
-        for split, n in {"train": n_train, "test": 16}.items():
+        for split, n in {"train": n_train, "validation": VALIDATION_IMAGES, "test": 16}.items():
             blocks = rng.integers(0, 256, size=(n, 4, 4, 3), dtype=np.uint8)
             images = [Image.fromarray(np.kron(b, np.ones((size // 4, size // 4, 1), np.uint8))) for b in blocks]
             ds = datasets.Dataset.from_dict({"image": images, "label": [i % NUM_CLASSES for i in range(n)]},
@@ -133,9 +138,13 @@ def build_suite(root: Path, model: str, experts: int, fit_images: int, seed: int
 def run_variant(root: Path, name: str, overrides: List[str], steps: int, fit_images: int) -> Dict:
     """One CLI run; returns the method's report with the process wall time added."""
     run_dir = root / "runs" / name
-    cmd = [sys.executable, "-m", "fusion_bench.scripts.cli", "method=statsmerging", "modelpool=clip_suite",
-           "taskpool=dummy", "method.data_fraction=1.0", f"method.max_samples_per_task={fit_images}",
-           f"method.max_steps={steps}", f"method.artifact_dir={run_dir}", f"path.log_dir={run_dir}", *overrides]
+    if overrides and overrides[0].startswith("method="):  # another config, with its own budget and schedule
+        method, overrides, budget = overrides[0], overrides[1:], []
+    else:
+        method = "method=statsmerging"
+        budget = ["method.data_fraction=1.0", f"method.max_samples_per_task={fit_images}", f"method.max_steps={steps}"]
+    cmd = [sys.executable, "-m", "fusion_bench.scripts.cli", method, "modelpool=clip_suite", "taskpool=dummy",
+           *budget, f"method.artifact_dir={run_dir}", f"path.log_dir={run_dir}", *overrides]
     env = {**os.environ, "STATSMERGING_SUITE_DIR": str(root), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
@@ -144,24 +153,27 @@ def run_variant(root: Path, name: str, overrides: List[str], steps: int, fit_ima
     if proc.returncode != 0 or not report_path.is_file():
         return {"variant": name, "error": proc.stderr[-3000:], "process_wall_s": wall, "command": " ".join(cmd)}
     report = json.loads(report_path.read_text())
+    done = report.get("schedule", {}).get("max_steps", steps)
+    training = report.get("phase_seconds", {}).get("training")
     return {"variant": name, "overrides": overrides, "process_wall_s": round(wall, 2),
             "method_seconds": report["seconds"], "phase_seconds": report.get("phase_seconds", {}),
-            "steps": steps, "final_loss": report["final_loss"], "command": " ".join(cmd)}
+            "steps": done, "ms_per_step": round(1000 * training / done, 2) if training and done else None,
+            "final_loss": report["final_loss"], "command": " ".join(cmd)}
 
 
 def markdown(results: List[Dict], meta: Dict) -> str:
     phases = ["load models", "task heads", "teacher targets", "task vectors", "coefficient module", "training"]
     lines = [f"K={meta['experts']} experts, model {meta['model']}, {meta['fit_images']} fit images/task, "
              f"{meta['steps']} steps, device {meta['device']}", "",
-             "| variant | method total (s) | " + " | ".join(phases) + " | process wall (s) |",
-             "|---" * (len(phases) + 3) + "|"]
+             "| variant | method total (s) | " + " | ".join(phases) + " | steps | ms/step | process wall (s) |",
+             "|---" * (len(phases) + 5) + "|"]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['variant']} | failed: {r['error'].strip().splitlines()[-1][:80]} |")
             continue
         cells = [f"{r['phase_seconds'].get(p, float('nan')):.1f}" for p in phases]
         lines.append(f"| {r['variant']} | {r['method_seconds']:.1f} | " + " | ".join(cells)
-                     + f" | {r['process_wall_s']:.1f} |")
+                     + f" | {r['steps']} | {r['ms_per_step']} | {r['process_wall_s']:.1f} |")
     return "\n".join(lines)
 
 

@@ -74,7 +74,7 @@ def taskpool_hint(program) -> Optional[str]:
     return (f"hint: no evaluation task pool was selected (the host's dummy pool only counts parameters); "
             f"add `taskpool={suggestion}` to evaluate the merged model.")
 OPTIMIZERS = ("adam", "sam")
-AUTOCAST_DTYPES = {None: None, "none": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+AUTOCAST_DTYPES = {None: None, "none": None, "auto": "auto", "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
                    "fp16": torch.float16, "float16": torch.float16}
 
 # Fit inputs of one task: a tensor (images) or a dict of equally long tensors (token ids, masks).
@@ -171,7 +171,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         if task_vector_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"task_vector_dtype must be null, float32, bfloat16 or float16, got '{task_vector_dtype}'.")
         if autocast not in AUTOCAST_DTYPES:
-            raise ValueError(f"autocast must be null, bf16 or fp16, got '{autocast}'.")
+            raise ValueError(f"autocast must be auto, null, bf16 or fp16, got '{autocast}'.")
         if not 0.0 <= float(activation_checkpointing) <= 1.0:
             raise ValueError("activation_checkpointing is the fraction of layers to checkpoint, in [0, 1]; "
                              f"got {activation_checkpointing}.")
@@ -357,6 +357,8 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         """bf16/fp16 autocast of the forward/backward when configured (the merge itself stays in
         the engine's precision; losses are computed in float32)."""
         dtype = AUTOCAST_DTYPES[self.autocast]
+        if dtype == "auto":  # bf16 on CUDA, where it halves the step (docs/benchmarks.md); fp32 elsewhere
+            dtype = torch.bfloat16 if self.fabric.device.type == "cuda" else None
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.fabric.device.type, dtype=dtype)

@@ -138,7 +138,8 @@ class HeadsCoefficientDistillation(LightningFabricMixin, CoefficientDistillation
 
     def merged_outputs(self, engine: nn.Module, inputs: Dict[str, Inputs]):
         device = self.fabric.device
-        batch = inputs_to(concat_inputs(list(inputs.values())), device)
+        # each part to float32 first: autocast refuses to concatenate the compactly stored float16 images
+        batch = concat_inputs([inputs_to(x, device) for x in inputs.values()])
         with self._batchnorm_context(engine):
             features = engine(batch)
         logits, feats, start = {}, {}, 0
