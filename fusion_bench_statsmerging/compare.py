@@ -122,6 +122,7 @@ def _adamerging(key: str, label: str, name: str, train_split: bool = False) -> M
 
 
 _OURS_FAST = ("method.max_steps={fast_steps}",)
+_WUDI_FAST = ("method.iter_num={fast_steps}",)  # WUDI's Adam steps per matrix (400: minutes on a CPU)
 _TTA = "method.protocol=test_time_adaptation"
 
 
@@ -158,6 +159,13 @@ REGISTRY: Dict[str, MethodSpec] = {s.key: s for s in [
           optional=True),
     _ours("samerging", "SAMerging", "samerging", optional=True),
     _ours("statsmerging_sam", "StatsMerging + SAM", "statsmerging_sam", optional=True),
+    # The strongest data-free host baselines and RegMean++ (layer inputs of label-free train images,
+    # ``images, _ = batch``: the labels are dropped), natively: CLIP's weights are all matrices.
+    MethodSpec("wudi", "WUDI", ("method=wudi/wudi",), NO_DATA, fast_overrides=_WUDI_FAST),
+    MethodSpec("iso_c", "Iso-C", ("method=isotropic_merging/iso_c",), NO_DATA),
+    MethodSpec("iso_cts", "Iso-CTS", ("method=isotropic_merging/iso_cts",), NO_DATA),
+    MethodSpec("tsv_m", "TSV-M", ("method=task_singular_vector/TaskSingularVectorMerging",), NO_DATA),
+    MethodSpec("regmean_plusplus", "RegMean++", ("method=regmean_plusplus_clip",), TRAIN_UNLABELED),
 ]}
 
 # Data-driven methods run under both protocols: AdaMerging on test images (the host's
@@ -167,6 +175,7 @@ DEFAULT_METHODS = [
     "regmean", "adamerging_task", "adamerging_layer", "adamerging_task_train", "adamerging_layer_train",
     "statsmerging_task", "statsmerging_layer", "statsmerging_plusplus", "statsmerging_task_tta",
     "statsmerging_layer_tta", "statsmerging_plusplus_tta", "samerging", "statsmerging_sam",
+    "wudi", "iso_c", "iso_cts", "tsv_m", "regmean_plusplus",
 ]
 
 
@@ -202,6 +211,14 @@ HEADS_REGISTRY: Dict[str, MethodSpec] = {s.key: s for s in [
     _ours("samerging", "SAMerging", "samerging_heads"),
     _ours("statsmerging_sam", "StatsMerging + SAM", "statsmerging_heads", False, "method.optimizer=sam",
           "method.sam_rho=0.05"),
+    # The host's WUDI / Iso / TSV-M transform 2-D weights only and average the rest: on a CNN that is
+    # simple averaging. Their functional cores run here with convolutions seen as matrices
+    # (method/conv_as_matrix.py; on BERT-style encoders identical to the host's methods).
+    MethodSpec("wudi", "WUDI (convs as matrices)", ("method=conv_as_matrix/wudi",), NO_DATA,
+               fast_overrides=_WUDI_FAST),
+    MethodSpec("iso_c", "Iso-C (convs as matrices)", ("method=conv_as_matrix/iso_c",), NO_DATA),
+    MethodSpec("iso_cts", "Iso-CTS (convs as matrices)", ("method=conv_as_matrix/iso_cts",), NO_DATA),
+    MethodSpec("tsv_m", "TSV-M (convs as matrices)", ("method=conv_as_matrix/tsv_m",), NO_DATA),
 ]}
 HEADS_DEFAULT_METHODS = [k for k in DEFAULT_METHODS if k in HEADS_REGISTRY]
 HEADS_FORMAT = "per_task_heads/1"  # heads.FORMAT, not imported: this parent process stays free of torch
