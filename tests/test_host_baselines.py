@@ -112,3 +112,19 @@ def test_new_rows_run_on_tiny_clip_and_heads_suites(tmp_path, suite_dir):
         assert set(row["accuracies"]) == set(tasks)
         assert all(0.0 <= a <= 1.0 for a in row["accuracies"].values())
     assert "method.iter_num=3" in compare.build_overrides(clip_rows["wudi"], runs[0][0])  # fast WUDI
+
+
+def test_regmean_plusplus_is_listed_as_not_applicable_on_heads_pools(tmp_path):
+    """Not run on a per-task-head suite: its row says why, and --fail-on-error does not count it."""
+    (tmp_path / "suite").mkdir()
+    (tmp_path / "suite" / "suite.json").write_text(json.dumps({"format": "per_task_heads/1"}))
+    _, default = compare.family_registry("heads")
+    assert "regmean_plusplus" in default
+    out = tmp_path / "out"
+    code = compare.main(["--suite", str(tmp_path / "suite"), "--out", str(out), "--methods", "regmean_plusplus",
+                         "--fail-on-error"])
+    assert code == 0
+    row = json.loads((out / "results.json").read_text())["rows"][0]
+    assert row["status"] == "not applicable" and "nn.Linear" in row["error"]
+    assert row["protocol"] == compare.TRAIN_UNLABELED
+    assert "not applicable" in (out / "results.md").read_text()
