@@ -99,6 +99,7 @@ class MethodSpec:
     default_protocol_value: Optional[str] = None
     optional: bool = False  # in the default list only when its config file exists
     make_dirs: Tuple[str, ...] = ()  # created before the run (the host does not create them)
+    not_applicable: Optional[str] = None  # why this family cannot run it: listed with the reason, not run
 
 
 EXPERTS_TARGET = "fusion_bench_statsmerging.compare.ExpertsOnOwnTasks"
@@ -123,6 +124,7 @@ def _adamerging(key: str, label: str, name: str, train_split: bool = False) -> M
 
 
 _OURS_FAST = ("method.max_steps={fast_steps}",)
+_WUDI_FAST = ("method.iter_num={fast_steps}",)  # WUDI's Adam steps per matrix (400: minutes on a CPU)
 _TTA = "method.protocol=test_time_adaptation"
 
 
@@ -166,6 +168,13 @@ REGISTRY: Dict[str, MethodSpec] = {s.key: s for s in [
     _ours("statsmerging_sam", "StatsMerging + SAM", "statsmerging_sam", optional=True),
     _ours_selected("statsmerging_residual", "StatsMerging-R (ours: statistics prior + residual)",
                    "statsmerging_residual"),
+    # The strongest data-free host baselines and RegMean++ (layer inputs of label-free train images,
+    # ``images, _ = batch``: the labels are dropped), natively: CLIP's weights are all matrices.
+    MethodSpec("wudi", "WUDI", ("method=wudi/wudi",), NO_DATA, fast_overrides=_WUDI_FAST),
+    MethodSpec("iso_c", "Iso-C", ("method=isotropic_merging/iso_c",), NO_DATA),
+    MethodSpec("iso_cts", "Iso-CTS", ("method=isotropic_merging/iso_cts",), NO_DATA),
+    MethodSpec("tsv_m", "TSV-M", ("method=task_singular_vector/TaskSingularVectorMerging",), NO_DATA),
+    MethodSpec("regmean_plusplus", "RegMean++", ("method=regmean_plusplus_clip",), TRAIN_UNLABELED),
 ]}
 
 # Data-driven methods run under both protocols: AdaMerging on test images (the host's
@@ -176,6 +185,7 @@ DEFAULT_METHODS = [
     "statsmerging_task", "statsmerging_layer", "statsmerging_plusplus", "statsmerging_task_tta",
     "statsmerging_layer_tta", "statsmerging_plusplus_tta", "samerging", "statsmerging_sam",
     "statsmerging_residual",
+    "wudi", "iso_c", "iso_cts", "tsv_m", "regmean_plusplus",
 ]
 
 
@@ -213,6 +223,17 @@ HEADS_REGISTRY: Dict[str, MethodSpec] = {s.key: s for s in [
           "method.sam_rho=0.05"),
     _ours_selected("statsmerging_residual", "StatsMerging-R (ours: statistics prior + residual)",
                    "statsmerging_residual_heads"),
+    # The host's WUDI / Iso / TSV-M transform 2-D weights only and average the rest: on a CNN that is
+    # simple averaging. Their functional cores run here with convolutions seen as matrices
+    # (method/conv_as_matrix.py; on BERT-style encoders identical to the host's methods).
+    MethodSpec("wudi", "WUDI (convs as matrices)", ("method=conv_as_matrix/wudi",), NO_DATA,
+               fast_overrides=_WUDI_FAST),
+    MethodSpec("iso_c", "Iso-C (convs as matrices)", ("method=conv_as_matrix/iso_c",), NO_DATA),
+    MethodSpec("iso_cts", "Iso-CTS (convs as matrices)", ("method=conv_as_matrix/iso_cts",), NO_DATA),
+    MethodSpec("tsv_m", "TSV-M (convs as matrices)", ("method=conv_as_matrix/tsv_m",), NO_DATA),
+    dataclasses.replace(REGISTRY["regmean_plusplus"], not_applicable=(
+        "the host's RegMean++ is CLIP-specific (CLIP encoder layers, embeddings, zero-shot heads) and its core "
+        "fits nn.Linear inputs only: a CNN backbone has none; no per-task-head adaptation yet")),
 ]}
 HEADS_DEFAULT_METHODS = [k for k in DEFAULT_METHODS if k in HEADS_REGISTRY]
 HEADS_FORMAT = "per_task_heads/1"  # heads.FORMAT, not imported: this parent process stays free of torch
@@ -656,13 +677,15 @@ def config_file(spec: MethodSpec, dirs: Sequence[Path]) -> Optional[Path]:
 
 
 def skipped_row(spec: MethodSpec, ctx: Context) -> Dict[str, Any]:
-    """A listed-but-not-run row for an optional method whose config is not there yet."""
+    """A listed-but-not-run row: a method this family cannot run (``not_applicable``, with the
+    reason) or an optional method whose config is not there yet."""
     overrides = build_overrides(spec, ctx)
     name = next(o.split("=", 1)[1] for o in spec.overrides if o.startswith("method="))
-    return {"key": spec.key, "label": spec.label, "kind": spec.kind, "status": "skipped",
+    status, error = (("not applicable", spec.not_applicable) if spec.not_applicable else
+                     ("skipped", f"config 'method/{name}' not found (optional method; not run)"))
+    return {"key": spec.key, "label": spec.label, "kind": spec.kind, "status": status,
             "protocol": row_protocol(spec, overrides), "overrides": overrides,
-            "command": command_line(overrides, ctx.env),
-            "error": f"config 'method/{name}' not found (optional method; not run)",
+            "command": command_line(overrides, ctx.env), "error": error,
             "accuracies": {}, "average": None, "wall_time_s": None, "peak_rss_mib": None,
             "peak_cuda_mib": None}
 
@@ -821,7 +844,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "report says so; peak memory stays per process")
     p.add_argument("--list", action="store_true", help="list the known methods and exit")
     p.add_argument("--dry-run", action="store_true", help="print the fusion_bench command lines and exit")
-    p.add_argument("--fail-on-error", action="store_true", help="exit 1 if any method did not succeed")
+    p.add_argument("--fail-on-error", action="store_true",
+                   help="exit 1 if any method did not succeed (rows not applicable to the pool family excepted)")
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error("--jobs must be at least 1")
@@ -906,7 +930,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     slots: List[Optional[Dict[str, Any]]] = [None] * len(specs)
     todo = []
     for i, spec in enumerate(specs):
-        if spec.optional and not args.methods and config_file(spec, dirs) is None:
+        if spec.not_applicable or (spec.optional and not args.methods and config_file(spec, dirs) is None):
             slots[i] = skipped_row(spec, ctx)
         else:
             todo.append(i)
@@ -914,7 +938,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = [r for r in slots if r is not None]
     md = write_outputs(ctx.out, rows, meta)
     print(md)
-    return 1 if args.fail_on_error and any(r["status"] != "ok" for r in rows) else 0
+    return 1 if args.fail_on_error and any(r["status"] not in ("ok", "not applicable") for r in rows) else 0
 
 
 def _launch_logged(spec: MethodSpec, ctx: Context) -> Dict[str, Any]:

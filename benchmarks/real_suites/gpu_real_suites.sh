@@ -19,6 +19,9 @@
 # long row (1.2-1.5 steps/s, about 14 min for its 1000 steps on MobileNetV2, 5 min on MiniLM; 10 min on
 # one H200 with nine rows beside it, 2026-12-02), so the default row limit is 30 min and the long rows
 # are asked for first; everything else takes 0.5-3 min.
+# wudi, iso_c, iso_cts, tsv_m: the host's data-free methods with convolutions merged as matrices
+# (method/conv_as_matrix.py; not yet timed on a GPU). RegMean++ is not a row here: the host's is CLIP-only
+# (statsmerging-compare lists it as not applicable on per-task-head suites).
 # A CPU dry run of the whole script (plumbing only: tiny builds, quick rows):
 #   DEVICE=cpu BUILD_ARGS=--tiny COMPARE_METHODS=pretrained,individual,simple_average HETERO_METHODS=... \
 #       bash benchmarks/real_suites/gpu_real_suites.sh /tmp/rs_dry CACHE_DIR
@@ -28,8 +31,8 @@ mkdir -p "$W"
 STEPS=${STEPS:-vision text hetero compare_vision compare_text compare_hetero}
 JOBS=${COMPARE_JOBS:-6}; TIMEOUT=${COMPARE_TIMEOUT:-1800}
 HETERO_TASKS=${HETERO_TASKS:-clipart_animals mnist}
-ROWS=${COMPARE_METHODS:-adamerging_layer_train,statsmerging_plusplus,samerging,statsmerging_residual,statsmerging_layer,statsmerging_task,pretrained,individual,simple_average,task_arithmetic,ties_merging}
-HETERO_ROWS=${HETERO_METHODS:-adamerging_layer_train,samerging,statsmerging_residual,statsmerging_layer,statsmerging_task,pretrained,individual,simple_average,task_arithmetic,ties_merging}
+ROWS=${COMPARE_METHODS:-adamerging_layer_train,statsmerging_plusplus,samerging,statsmerging_residual,statsmerging_layer,statsmerging_task,pretrained,individual,simple_average,task_arithmetic,ties_merging,wudi,iso_c,iso_cts,tsv_m}
+HETERO_ROWS=${HETERO_METHODS:-adamerging_layer_train,samerging,statsmerging_residual,statsmerging_layer,statsmerging_task,pretrained,individual,simple_average,task_arithmetic,ties_merging,wudi,iso_c,iso_cts,tsv_m}
 # ABLATION=1: StatsMerging-R's candidate rows (ablation.py) join each comparison, and every row is also
 # scored on the validation split (reported apart; the choice reads validation only)
 ABLATION=${ABLATION:-0}

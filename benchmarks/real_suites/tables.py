@@ -17,7 +17,8 @@ from typing import Any, Dict, List, Mapping, Optional
 
 ORDER = ["pretrained", "individual", "simple_average", "task_arithmetic", "ties_merging",
          "adamerging_layer_train", "adamerging_layer", "statsmerging_task", "statsmerging_layer",
-         "statsmerging_plusplus", "samerging", "statsmerging_residual"]
+         "wudi", "iso_c", "iso_cts", "tsv_m", "regmean_plusplus", "statsmerging_plusplus", "samerging",
+         "statsmerging_residual"]
 REFERENCES = {"linear_probe_test_accuracy": "Linear probe on the frozen pretrained backbone (builder)",
               "expert_test_accuracy": "Experts as fine-tuned (builder's manifest)"}
 
