@@ -26,10 +26,12 @@ from fusion_bench import BaseAlgorithm, auto_register_config
 from fusion_bench.mixins import SimpleProfilerMixin
 
 from .. import artifacts
+from ..errors import UserError
 from ..distillation import (
     LOSSES, agreement, distillation_loss, get_protocol, load_labels, num_fit_samples, sample_indices,
 )
 from ..merge import HostLayerWiseEngine, check_same_architecture, trainable_names
+from ..preflight import check_loaded_model, check_writable
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ def num_rows(inputs: Inputs) -> int:
     return len(inputs)
 
 
-class PoolError(ValueError):
+class PoolError(UserError):
     """A model pool this method cannot merge, with what to change."""
 
 
@@ -105,7 +107,7 @@ def build_engine(name: str, pretrained: nn.Module, experts: List[nn.Module], **k
         from ..fused import FusedLayerWiseEngine
 
         return FusedLayerWiseEngine(pretrained, experts, **kwargs)
-    raise ValueError(f"Unknown merge_engine '{name}'; choose one of {list(ENGINES)}.")
+    raise UserError(f"Unknown merge_engine '{name}'; choose one of {list(ENGINES)}.")
 
 
 @auto_register_config
@@ -150,28 +152,28 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         # Validate everything a typo could break now, before any model is loaded.
         self._protocol = get_protocol(protocol)
         if loss not in LOSSES:
-            raise ValueError(f"Unknown loss '{loss}'; choose one of {list(LOSSES)}.")
+            raise UserError(f"Unknown loss '{loss}'; choose one of {list(LOSSES)}.")
         if optimizer not in OPTIMIZERS:
-            raise ValueError(f"Unknown optimizer '{optimizer}'; choose one of {list(OPTIMIZERS)}.")
+            raise UserError(f"Unknown optimizer '{optimizer}'; choose one of {list(OPTIMIZERS)}.")
         if merge_engine not in ENGINES:
-            raise ValueError(f"Unknown merge_engine '{merge_engine}'; choose one of {list(ENGINES)}.")
+            raise UserError(f"Unknown merge_engine '{merge_engine}'; choose one of {list(ENGINES)}.")
         if task_vector_dtype not in (None, "float32", "bfloat16", "float16"):
-            raise ValueError(f"task_vector_dtype must be null, float32, bfloat16 or float16, got '{task_vector_dtype}'.")
+            raise UserError(f"task_vector_dtype must be null, float32, bfloat16 or float16, got '{task_vector_dtype}'.")
         if autocast not in AUTOCAST_DTYPES:
-            raise ValueError(f"autocast must be null, bf16 or fp16, got '{autocast}'.")
+            raise UserError(f"autocast must be null, bf16 or fp16, got '{autocast}'.")
         if not 0.0 <= float(activation_checkpointing) <= 1.0:
-            raise ValueError("activation_checkpointing is the fraction of layers to checkpoint, in [0, 1]; "
+            raise UserError("activation_checkpointing is the fraction of layers to checkpoint, in [0, 1]; "
                              f"got {activation_checkpointing}.")
         if (activation_checkpointing or per_task_backward) and merge_engine != "fused":
-            raise ValueError("activation_checkpointing and per_task_backward need merge_engine: fused.")
+            raise UserError("activation_checkpointing and per_task_backward need merge_engine: fused.")
         if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+            raise UserError(f"batch_size must be >= 1, got {batch_size}.")
         if int(max_steps) < 0:
-            raise ValueError(f"max_steps must be >= 0 (0: no training), got {max_steps}.")
+            raise UserError(f"max_steps must be >= 0 (0: no training), got {max_steps}.")
         if not 0 < data_fraction <= 1:
-            raise ValueError(f"data_fraction must be in (0, 1], got {data_fraction}.")
+            raise UserError(f"data_fraction must be in (0, 1], got {data_fraction}.")
         if temperature <= 0 or lr <= 0:
-            raise ValueError(f"temperature and lr must be positive, got {temperature} and {lr}.")
+            raise UserError(f"temperature and lr must be positive, got {temperature} and {lr}.")
         super().__init__(**kwargs)
 
     # ------------------------------------------------------------------ hooks
@@ -224,9 +226,12 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         missing = [n for n in names if n not in available]
         if missing:
             key = {"train": "train_datasets", "validation": "val_datasets", "test": "test_datasets"}[split]
+            where = ""
+            if hasattr(modelpool, "dataset_dir"):  # a suite on disk: name the folders it looked for
+                where = " (looked for " + ", ".join(f"'{modelpool.dataset_dir(n, split)}'" for n in missing) + ")"
             raise PoolError(
                 f"Protocol '{self._protocol.name}' fits on the {split} split, but the model pool's "
-                f"`{key}` has no entry for {missing}. Add them, or choose another `protocol`."
+                f"`{key}` has no entry for {missing}{where}. Add them, or choose another `protocol`."
             )
         datasets = {}
         for name in names:
@@ -367,13 +372,15 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         hint = taskpool_hint(self._program)
         if hint:
             print(hint)
+        out_dir = str(check_writable(self.out_dir(), "artifact folder (method.artifact_dir)"))
         datasets = self.check_pool(modelpool)
         names = list(modelpool.model_names)
         torch.manual_seed(self.seed)
 
         with self.profile("load models"):
             pretrained = modelpool.load_pretrained_model()
-            experts = {n: modelpool.load_model(n) for n in names}
+            check_loaded_model(pretrained, "_pretrained_", pretrained=True)
+            experts = {n: check_loaded_model(modelpool.load_model(n), n) for n in names}
             for n, m in experts.items():
                 m._statsmerging_name = n
             # mismatched or corrupt experts fail here, before teachers run or weights are merged
@@ -398,7 +405,6 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         with self.profile("coefficient module"):
             coefficient_module = self.fabric.to_device(self.build_coefficient_module(engine, names))
 
-        out_dir = self.out_dir()
         try:
             with self.profile("training"):
                 history = self.train(engine, coefficient_module, pixels, targets)
