@@ -143,3 +143,14 @@ def test_cli_error_is_the_last_line(tmp_path):
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: No suite at") and "--build-only --out DIR" in last
+
+
+def test_a_missing_asset_fails_under_ci_and_skips_elsewhere(monkeypatch):
+    from conftest import missing_asset
+
+    monkeypatch.setenv("STATSMERGING_REQUIRE_ASSETS", "1")
+    with pytest.raises(pytest.fail.Exception, match="required asset missing.*dataset-x"):
+        missing_asset("apt-get install dataset-x")
+    monkeypatch.delenv("STATSMERGING_REQUIRE_ASSETS")
+    with pytest.raises(pytest.skip.Exception):
+        missing_asset("apt-get install dataset-x")
