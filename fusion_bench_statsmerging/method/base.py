@@ -59,17 +59,36 @@ EVALUATING_TASKPOOL = {
 }
 
 
+def hydra_choice(group: str) -> str:
+    """The config the user chose for a group (``modelpool=...``), or '' outside a Hydra run."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return str(HydraConfig.get().runtime.choices.get(group, "") or "")
+    except Exception:
+        return ""
+
+
+def check_hub_files(modelpool, program) -> None:
+    """Offline with hub files missing: one error naming them and ``statsmerging-prefetch``, in seconds,
+    instead of a long retry loop ending in a ConnectionError. Local pools need nothing and cost nothing."""
+    from ..prefetch import command_for, needs_of_pools, offline_problem
+
+    needs = needs_of_pools(modelpool, getattr(program, "_taskpool", None))
+    if not needs:
+        return
+    command = command_for(hydra_choice("modelpool") or None, hydra_choice("taskpool") or None)
+    problem = offline_problem(needs, command)
+    if problem:
+        raise PoolError(problem)
+
+
 def taskpool_hint(program) -> Optional[str]:
     """One line telling the user how to evaluate, when the run composed the host's dummy task pool."""
     taskpool = getattr(program, "_taskpool", None)
     if taskpool is None or "DummyTaskPool" not in str(taskpool.get("_target_", "")):
         return None
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        pool = HydraConfig.get().runtime.choices.get("modelpool", "")
-    except Exception:
-        pool = ""
+    pool = hydra_choice("modelpool")
     suggestion = EVALUATING_TASKPOOL.get(str(pool).split("/")[-1], "<a task pool matching the model pool>")
     return (f"hint: no evaluation task pool was selected (the host's dummy pool only counts parameters); "
             f"add `taskpool={suggestion}` to evaluate the merged model.")
@@ -373,6 +392,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         if hint:
             print(hint)
         out_dir = str(check_writable(self.out_dir(), "artifact folder (method.artifact_dir)"))
+        check_hub_files(modelpool, self._program)
         datasets = self.check_pool(modelpool)
         names = list(modelpool.model_names)
         torch.manual_seed(self.seed)
