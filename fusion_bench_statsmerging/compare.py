@@ -56,6 +56,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 # --------------------------------------------------------------------------- protocols
 NO_DATA = "no data"
 TRAIN_UNLABELED = "label-free train split"
+TRAIN_UNLABELED_SELECTED = "label-free train split; unlabeled validation images choose the kept state"
 VALIDATION_UNLABELED = "label-free validation split"
 TEST_TIME = "test-time adaptation (unlabeled test images)"
 USES_LABELS = "uses labels"
@@ -125,6 +126,11 @@ _OURS_FAST = ("method.max_steps={fast_steps}",)
 _TTA = "method.protocol=test_time_adaptation"
 
 
+def _ours_selected(key: str, label: str, config: str) -> MethodSpec:
+    """Our configuration with label-free selection: it also reads unlabeled validation images."""
+    return dataclasses.replace(_ours(key, label, config), protocol=TRAIN_UNLABELED_SELECTED, protocol_key=None)
+
+
 def _ours(key: str, label: str, config: str, optional: bool = False, *extra: str) -> MethodSpec:
     return MethodSpec(key, label, (f"method={config}", *extra), TRAIN_UNLABELED, fast_overrides=_OURS_FAST,
                       protocol_key="method.protocol", default_protocol_value="train_unlabeled",
@@ -159,6 +165,8 @@ REGISTRY: Dict[str, MethodSpec] = {s.key: s for s in [
     _ours("samerging", "SAMerging", "samerging", optional=True),
     _ours("samerging_task", "SAMerging (task-wise)", "samerging_taskwise", optional=True),
     _ours("statsmerging_sam", "StatsMerging + SAM", "statsmerging_sam", optional=True),
+    _ours_selected("statsmerging_residual", "StatsMerging-R (ours: statistics prior + residual)",
+                   "statsmerging_residual"),
 ]}
 
 # Data-driven methods run under both protocols: AdaMerging on test images (the host's
@@ -168,6 +176,7 @@ DEFAULT_METHODS = [
     "regmean", "adamerging_task", "adamerging_layer", "adamerging_task_train", "adamerging_layer_train",
     "statsmerging_task", "statsmerging_layer", "statsmerging_plusplus", "statsmerging_task_tta",
     "statsmerging_layer_tta", "statsmerging_plusplus_tta", "samerging", "statsmerging_sam",
+    "statsmerging_residual",
 ]
 
 
@@ -204,6 +213,8 @@ HEADS_REGISTRY: Dict[str, MethodSpec] = {s.key: s for s in [
     _ours("samerging_task", "SAMerging (task-wise)", "samerging_heads", False, _TASK_WISE),
     _ours("statsmerging_sam", "StatsMerging + SAM", "statsmerging_heads", False, "method.optimizer=sam",
           "method.sam_rho=0.05"),
+    _ours_selected("statsmerging_residual", "StatsMerging-R (ours: statistics prior + residual)",
+                   "statsmerging_residual_heads"),
 ]}
 HEADS_DEFAULT_METHODS = [k for k in DEFAULT_METHODS if k in HEADS_REGISTRY]
 HEADS_FORMAT = "per_task_heads/1"  # heads.FORMAT, not imported: this parent process stays free of torch

@@ -137,6 +137,12 @@ def distillation_loss(student_logits: Tensor, targets: Tensor, loss: str = "hard
     raise ValueError(f"Unknown distillation loss '{loss}'; choose one of {list(LOSSES)}.")
 
 
+def feature_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Relative squared error ||s - t||^2 / ||t||^2 per sample, averaged: scale-free, so one weight
+    serves a CNN's 1280-d pooled features and a text encoder's 384-d sentence embedding alike."""
+    return ((student - teacher).square().sum(-1) / teacher.square().sum(-1).clamp_min(1e-8)).mean()
+
+
 def agreement(student_logits: Tensor, targets: Tensor) -> float:
     """Share of samples where the student's class equals the target class."""
     target_class = targets if targets.dtype == torch.long else targets.argmax(-1)

@@ -138,10 +138,10 @@ def test_fine_tuning_starts_from_the_loaded_learner(trained, tmp_path, modelpool
     start = {}
     original = algorithm.train
 
-    def spy(engine, module, pixels, targets):
+    def spy(engine, module, pixels, targets, *rest):
         start["coef"] = module().detach().cpu()
         start["tasks"] = sorted(pixels)
-        return original(engine, module, pixels, targets)
+        return original(engine, module, pixels, targets, *rest)
 
     monkeypatch.setattr(algorithm, "train", spy)
     algorithm.run(modelpool)

@@ -196,7 +196,8 @@ def test_configs_carry_the_papers_defaults_and_share_one_sam():
     assert taskwise.mode == "task_wise" and taskwise.max_steps == 1000
     stats_sam = instantiate(_compose("statsmerging_sam"))
     assert type(stats_sam).__name__ == "CLIPStatsMergingAlgorithm"
-    assert stats_sam.optimizer == "sam" and stats_sam.loss == "hard" and stats_sam.max_steps == 500
+    assert stats_sam.optimizer == "sam" and stats_sam.loss == "hard"
+    assert (stats_sam.max_steps, stats_sam.max_epochs, stats_sam.lr_step_epochs) == (None, 500, 100)  # the paper's
     for algorithm in (samerging, stats_sam):
         optimizer = algorithm.make_optimizer([torch.nn.Parameter(torch.zeros(2))])
         assert isinstance(optimizer, SAM) and isinstance(optimizer.base_optimizer, torch.optim.Adam)

@@ -28,8 +28,11 @@ mkdir -p "$W"
 STEPS=${STEPS:-vision text hetero compare_vision compare_text compare_hetero}
 JOBS=${COMPARE_JOBS:-6}; TIMEOUT=${COMPARE_TIMEOUT:-1800}
 HETERO_TASKS=${HETERO_TASKS:-clipart_animals mnist}
-ROWS=${COMPARE_METHODS:-adamerging_layer_train,samerging,statsmerging_plusplus,statsmerging_layer,statsmerging_task,pretrained,individual,simple_average,task_arithmetic,ties_merging}
-HETERO_ROWS=${HETERO_METHODS:-adamerging_layer_train,samerging,statsmerging_layer,statsmerging_task,pretrained,individual,simple_average,task_arithmetic,ties_merging}
+ROWS=${COMPARE_METHODS:-adamerging_layer_train,statsmerging_plusplus,samerging,statsmerging_residual,statsmerging_layer,statsmerging_task,pretrained,individual,simple_average,task_arithmetic,ties_merging}
+HETERO_ROWS=${HETERO_METHODS:-adamerging_layer_train,samerging,statsmerging_residual,statsmerging_layer,statsmerging_task,pretrained,individual,simple_average,task_arithmetic,ties_merging}
+# ABLATION=1: StatsMerging-R's candidate rows (ablation.py) join each comparison, and every row is also
+# scored on the validation split (reported apart; the choice reads validation only)
+ABLATION=${ABLATION:-0}
 DEVICE=${DEVICE:-cuda}; BUILD_ARGS=${BUILD_ARGS:-}
 JOBS_VISION=${JOBS_VISION:-$JOBS}; JOBS_TEXT=${JOBS_TEXT:-$JOBS}; JOBS_HETERO=${JOBS_HETERO:-$JOBS}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
@@ -46,8 +49,13 @@ here=$(dirname "$0")
 
 compare() {  # compare NAME SUITE METHODS JOBS [extra args...]
   local name=$1 suite=$2 methods=$3 jobs=$4; shift 4
+  local ablation=()
+  if [ "$ABLATION" = 1 ]; then
+    eval "ablation=($(python3 "$here/ablation.py" --add-args))"
+    ablation+=(--extra-overrides "taskpool.extra_splits=[validation]")
+  fi
   python3 -m fusion_bench_statsmerging.compare --suite "$suite" --out "$W/compare_$name" --jobs "$jobs" \
-    --timeout "$TIMEOUT" --methods "$methods" "$@" >"$W/compare_$name.log" 2>&1
+    --timeout "$TIMEOUT" --methods "$methods" "$@" "${ablation[@]}" >"$W/compare_$name.log" 2>&1
   step "compare_$name rc=$?"
 }
 

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 ORDER = ["pretrained", "individual", "simple_average", "task_arithmetic", "ties_merging",
          "adamerging_layer_train", "adamerging_layer", "statsmerging_task", "statsmerging_layer",
-         "statsmerging_plusplus", "samerging"]
+         "statsmerging_plusplus", "samerging", "statsmerging_residual"]
 REFERENCES = {"linear_probe_test_accuracy": "Linear probe on the frozen pretrained backbone (builder)",
               "expert_test_accuracy": "Experts as fine-tuned (builder's manifest)"}
 
@@ -29,7 +29,8 @@ def _cells(values: List[Optional[float]]) -> List[str]:
 def table(results: Mapping[str, Any], manifest: Optional[Mapping[str, Any]] = None) -> str:
     """Markdown rows: each method's per-task test accuracy (%), average, wall time; failures say why."""
     tasks: List[str] = list(results["tasks"])
-    rows: Dict[str, Mapping[str, Any]] = {r["key"]: r for r in results["rows"]}
+    # the ablation's candidate rows have their own table (ablation.py), chosen on validation
+    rows: Dict[str, Mapping[str, Any]] = {r["key"]: r for r in results["rows"] if not r["key"].startswith("ablation_")}
     keys = [k for k in ORDER if k in rows] + [k for k in rows if k not in ORDER]
     lines = ["| Method | Data protocol | " + " | ".join(tasks) + " | Avg. | Time (s) |",
              "|---|---|" + "---|" * len(tasks) + "---|---|"]

@@ -28,10 +28,12 @@ from fusion_bench.mixins import SimpleProfilerMixin
 from .. import artifacts
 from ..errors import UserError
 from ..distillation import (
-    LOSSES, agreement, distillation_loss, get_protocol, load_labels, num_fit_samples, sample_indices,
+    LOSSES, agreement, distillation_loss, feature_loss, get_protocol, load_labels, num_fit_samples, sample_indices,
 )
 from ..merge import HostLayerWiseEngine, check_same_architecture, trainable_names
 from ..preflight import check_loaded_model, check_writable
+from ..schedule import Schedule, check_schedule, resolve_schedule
+from ..selection import SELECTIONS, BestState
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,11 @@ AUTOCAST_DTYPES = {None: None, "none": None, "bf16": torch.bfloat16, "bfloat16":
 Inputs = Union[Tensor, Dict[str, Tensor]]
 
 
+def target_logits(targets) -> Tensor:
+    """The teacher logits (or labels) of a task's targets, also when features travel beside them."""
+    return targets["logits"] if isinstance(targets, dict) else targets
+
+
 def take(inputs: Inputs, index) -> Inputs:
     """Rows ``index`` of a tensor or of every tensor of a dict."""
     if isinstance(inputs, dict):
@@ -142,15 +149,21 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         protocol: str = "train_unlabeled",
         loss: str = "hard",
         temperature: float = 1.0,
+        feature_weight: float = 0.0,
         data_fraction: float = 0.01,
         min_samples_per_task: Optional[int] = None,
         max_samples_per_task: Optional[int] = None,
         batch_size: int = 16,
-        max_steps: int = 500,
+        max_steps: Optional[int] = 500,
+        max_epochs: Optional[float] = None,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         lr_step_size: Optional[int] = 100,
+        lr_step_epochs: Optional[float] = None,
         lr_gamma: float = 0.1,
+        select_by: str = "last",
+        select_every: int = 100,
+        select_samples: int = 256,
         optimizer: str = "adam",
         sam_rho: float = 0.05,
         sam_adaptive: bool = False,
@@ -187,10 +200,18 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             raise UserError("activation_checkpointing and per_task_backward need merge_engine: fused.")
         if int(batch_size) < 1:
             raise UserError(f"batch_size must be >= 1, got {batch_size}.")
-        if int(max_steps) < 0:
-            raise UserError(f"max_steps must be >= 0 (0: no training), got {max_steps}.")
+        check_schedule(max_steps, max_epochs, lr_step_size, lr_step_epochs)
+        if select_by not in SELECTIONS:
+            raise UserError(f"Unknown select_by '{select_by}'; choose one of {list(SELECTIONS)}.")
+        if int(select_every) < 1 or int(select_samples) < 1:
+            raise UserError(f"select_every and select_samples must be >= 1, got {select_every} and {select_samples}.")
         if not 0 < data_fraction <= 1:
             raise UserError(f"data_fraction must be in (0, 1], got {data_fraction}.")
+        if float(feature_weight) < 0:
+            raise UserError(f"feature_weight must be >= 0 (0: logits only), got {feature_weight}.")
+        if float(feature_weight) > 0 and self._protocol.ground_truth:
+            raise UserError("feature_weight distils the experts' features; protocol train_ground_truth has no "
+                             "teacher. Set feature_weight: 0 or choose a label-free protocol.")
         if temperature <= 0 or lr <= 0:
             raise UserError(f"temperature and lr must be positive, got {temperature} and {lr}.")
         super().__init__(**kwargs)
@@ -218,7 +239,16 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
 
     def merged_logits(self, engine: nn.Module, inputs: Dict[str, Inputs]) -> Dict[str, Tensor]:
         """The merged model's logits for each task's inputs (on the fabric's device)."""
-        raise NotImplementedError
+        return self.merged_outputs(engine, inputs)[0]
+
+    def merged_outputs(self, engine: nn.Module, inputs: Dict[str, Inputs]):
+        """(logits, features) of the merged model per task; features None where the family has none.
+        A family implements this or :meth:`merged_logits`."""
+        return self.merged_logits(engine, inputs), None
+
+    def teacher_features(self, expert: nn.Module, task: str, inputs: Inputs) -> Tensor:
+        """The expert's features (what its head reads) on its task's inputs, for ``feature_weight``."""
+        raise PoolError(f"{type(self).__name__} has no feature distillation; set feature_weight: 0.")
 
     # ------------------------------------------------------------------ checks
     def check_pool(self, modelpool) -> Dict[str, object]:
@@ -237,7 +267,14 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
                 f"The model pool has {len(names)} expert(s) ({names}); merging needs at least two. "
                 "To evaluate a single model, use the host's `method=dummy`."
             )
-        split = self._protocol.split
+        datasets = self.load_split(modelpool, self._protocol.split, names, f"Protocol '{self._protocol.name}' fits")
+        if self.select_by == "validation_agreement":
+            self._selection_datasets = self.load_split(
+                modelpool, "validation", names, "select_by: validation_agreement scores unlabeled images")
+        return datasets
+
+    def load_split(self, modelpool, split: str, names: List[str], purpose: str) -> Dict[str, object]:
+        """Each task's dataset of ``split``, or an error naming the tasks that lack it (or are too small)."""
         loader = {"train": modelpool.load_train_dataset, "validation": modelpool.load_val_dataset,
                   "test": modelpool.load_test_dataset}[split]
         available = {"train": modelpool.train_dataset_names, "validation": modelpool.val_dataset_names,
@@ -249,8 +286,8 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             if hasattr(modelpool, "dataset_dir"):  # a suite on disk: name the folders it looked for
                 where = " (looked for " + ", ".join(f"'{modelpool.dataset_dir(n, split)}'" for n in missing) + ")"
             raise PoolError(
-                f"Protocol '{self._protocol.name}' fits on the {split} split, but the model pool's "
-                f"`{key}` has no entry for {missing}{where}. Add them, or choose another `protocol`."
+                f"{purpose} on the {split} split, but the model pool's "
+                f"`{key}` has no entry for {missing}{where}. Add them, or change the method's options."
             )
         datasets = {}
         for name in names:
@@ -268,22 +305,61 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
     # ------------------------------------------------------------------ data
     def prepare_fit_data(self, datasets: Dict[str, object], experts: Dict[str, nn.Module]):
         """Pick each task's unlabeled images, preprocess them, and cache the teacher's outputs."""
-        device = self.fabric.device
         min_samples = self.min_samples_per_task or self.batch_size
         pixels, targets, info = {}, {}, {}
         for t_idx, (task, ds) in enumerate(tqdm(datasets.items(), "Teacher targets")):
             n = num_fit_samples(len(ds), self.data_fraction, min_samples, self.max_samples_per_task)
             idx = sample_indices(len(ds), n, self.seed + t_idx)
-            pixels[task] = self.fit_inputs(ds, idx)
-            if self._protocol.ground_truth:
-                targets[task] = load_labels(ds, idx)
-            else:
-                teacher = experts[task].to(device).eval()
-                with torch.no_grad():
-                    targets[task] = self.teacher_targets(teacher, task, pixels[task])
-                teacher.cpu()
+            pixels[task], targets[task] = self.labelled_inputs(task, ds, idx, experts[task],
+                                                               self._protocol.ground_truth)
             info[task] = {"split": self._protocol.split, "num_samples": n, "dataset_size": len(ds)}
         return pixels, targets, info
+
+    def labelled_inputs(self, task: str, dataset, indices: List[int], expert: nn.Module,
+                        ground_truth: bool = False) -> tuple:
+        """The inputs at ``indices`` and their targets: the expert's logits (human labels only
+        under a ground-truth protocol)."""
+        inputs = self.fit_inputs(dataset, indices)
+        if ground_truth:
+            return inputs, load_labels(dataset, indices)
+        teacher = expert.to(self.fabric.device).eval()
+        with torch.no_grad():
+            logits = self.teacher_targets(teacher, task, inputs)
+            if float(self.feature_weight) > 0:
+                logits = {"logits": logits, "features": self.teacher_features(teacher, task, inputs).float().cpu()}
+        teacher.cpu()
+        return inputs, logits
+
+    def prepare_selection_data(self, experts: Dict[str, nn.Module]) -> Optional[tuple]:
+        """For ``select_by: validation_agreement``: unlabeled validation images and the experts' logits
+        on them (always teacher targets: selection never reads a label)."""
+        datasets = getattr(self, "_selection_datasets", None)
+        if self.select_by != "validation_agreement" or not datasets:
+            return None
+        inputs, targets = {}, {}
+        for t_idx, (task, ds) in enumerate(datasets.items()):
+            n = min(int(self.select_samples), len(ds))
+            idx = sample_indices(len(ds), n, self.seed + 7919 + t_idx)
+            inputs[task], targets[task] = self.labelled_inputs(task, ds, idx, experts[task])
+        return inputs, targets
+
+    @torch.no_grad()
+    def selection_score(self, engine, coefficient_module, data) -> float:
+        """Mean over tasks of the merged model's agreement with each expert on its validation images,
+        in mixed batches of every task as in training (BatchNorm on batch statistics sees the same mix)."""
+        inputs, targets = data
+        engine.set_coefficients(coefficient_module().detach())
+        hits = {t: 0.0 for t in inputs}
+        longest = max(num_rows(x) for x in inputs.values())
+        for start in range(0, longest, self.batch_size):
+            chunk = {t: take(x, slice(start, start + self.batch_size)) for t, x in inputs.items()
+                     if num_rows(x) > start}
+            with self.autocast_context():
+                logits = self.merged_logits(engine, {t: self.fabric.to_device(x) for t, x in chunk.items()})
+            for t, lg in logits.items():
+                tgt = target_logits(targets[t])[start:start + self.batch_size].to(lg.device)
+                hits[t] += agreement(lg.float(), tgt) * num_rows(chunk[t])
+        return float(sum(hits[t] / num_rows(inputs[t]) for t in inputs) / len(inputs))
 
     def _batches(self, pixels: Dict[str, Tensor], targets: Dict[str, Tensor]):
         """Endless per-task shuffled batches, reproducible from the seed."""
@@ -297,7 +373,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
                     order[t], pos[t] = torch.randperm(num_rows(pixels[t]), generator=gen), 0
                 i = order[t][pos[t] : pos[t] + self.batch_size]
                 pos[t] += self.batch_size
-                batch[t] = (take(pixels[t], i), targets[t][i])
+                batch[t] = (take(pixels[t], i), take(targets[t], i))
             yield batch
 
     # ------------------------------------------------------------------ training
@@ -310,12 +386,19 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         return torch.autocast(device_type=self.fabric.device.type, dtype=dtype)
 
     def task_losses(self, engine: nn.Module, batch: Dict[str, tuple]) -> Dict[str, Tensor]:
-        """The merged model's loss on each task's batch against that task's targets."""
+        """The merged model's loss on each task's batch against that task's targets (and, with
+        ``feature_weight``, against the expert's features too)."""
         device = self.fabric.device
         with self.autocast_context():
-            logits = self.merged_logits(engine, {task: b[0] for task, b in batch.items()})
-        return {task: distillation_loss(logits[task].float(), tgt.to(device), self.loss, self.temperature)
-                for task, (_, tgt) in batch.items()}
+            logits, features = self.merged_outputs(engine, {task: b[0] for task, b in batch.items()})
+        losses = {}
+        for task, (_, tgt) in batch.items():
+            loss = distillation_loss(logits[task].float(), target_logits(tgt).to(device), self.loss, self.temperature)
+            if isinstance(tgt, dict) and features is not None:
+                loss = loss + float(self.feature_weight) * feature_loss(features[task].float(),
+                                                                         tgt["features"].to(device))
+            losses[task] = loss
+        return losses
 
     def closure_loss(self, engine, coefficient_module, batch) -> tuple[Tensor, Dict[str, Tensor]]:
         """Merge at the module's current coefficients and return the mean task loss.
@@ -355,20 +438,25 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             return SAM(base, rho=self.sam_rho, adaptive=self.sam_adaptive)
         return base
 
-    def train(self, engine, coefficient_module, pixels, targets) -> List[dict]:
+    def train(self, engine, coefficient_module, pixels, targets, selection_data=None) -> List[dict]:
+        schedule: Schedule = self._schedule
         params = [p for p in coefficient_module.parameters() if p.requires_grad]
         optimizer = self.make_optimizer(params)
         base_opt = getattr(optimizer, "base_optimizer", optimizer)
-        scheduler = (torch.optim.lr_scheduler.StepLR(base_opt, self.lr_step_size, self.lr_gamma)
-                     if self.lr_step_size else None)
+        scheduler = (torch.optim.lr_scheduler.StepLR(base_opt, schedule.lr_step_size, self.lr_gamma)
+                     if schedule.lr_step_size else None)
+        best = BestState() if selection_data is not None else None
+        if best is not None:
+            best.offer(self.selection_score(engine, coefficient_module, selection_data), 0, coefficient_module)
         batches = self._batches(pixels, targets)
         history = []
-        pbar = tqdm(range(self.max_steps), f"{self.method_label} ({self._protocol.name})", dynamic_ncols=True)
+        steps = schedule.max_steps
+        pbar = tqdm(range(steps), f"{self.method_label} ({self._protocol.name})", dynamic_ncols=True)
         for step in pbar:
             loss, losses = self._step(optimizer, engine, coefficient_module, next(batches))
             if scheduler is not None:
                 scheduler.step()
-            if step % self.log_every == 0 or step == self.max_steps - 1:
+            if step % self.log_every == 0 or step == steps - 1:
                 with torch.no_grad():
                     coef = coefficient_module().detach()
                 metrics = {"train/loss": float(loss.detach()), "train/lr": base_opt.param_groups[0]["lr"],
@@ -378,6 +466,15 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
                 self.fabric.log_dict(metrics, step=step)
                 history.append({"step": step, **metrics})
                 pbar.set_postfix(loss=f"{float(loss.detach()):.4f}", coef=f"{float(coef.mean()):.3f}")
+            if best is not None and ((step + 1) % self.select_every == 0 or step == steps - 1):
+                score = self.selection_score(engine, coefficient_module, selection_data)
+                best.offer(score, step + 1, coefficient_module)
+                self.fabric.log_dict({"select/validation_agreement": score}, step=step)
+        if best is not None:
+            best.restore(coefficient_module)
+            self._selection = best.summary()
+            log.info("%s: kept the state of step %d (validation agreement %.4f)", self.method_label,
+                     best.step, best.score)
         return history
 
     # ------------------------------------------------------------------ run
@@ -409,6 +506,11 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             self.setup_task_heads(names)
         with self.profile("teacher targets"):
             pixels, targets, data_info = self.prepare_fit_data(datasets, experts)
+            selection_data = self.prepare_selection_data(experts)
+            self._schedule = resolve_schedule({t: num_rows(p) for t, p in pixels.items()}, self.batch_size,
+                                              self.max_steps, self.max_epochs, self.lr_step_size,
+                                              self.lr_step_epochs)
+            log.info("%s: schedule %s", self.method_label, self._schedule.as_dict())
             if self.fit_data_on_device:  # a few hundred MB at most; saves a copy per step
                 pixels = {t: self.fabric.to_device(p) for t, p in pixels.items()}
                 targets = {t: self.fabric.to_device(v) for t, v in targets.items()}
@@ -427,7 +529,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
 
         try:
             with self.profile("training"):
-                history = self.train(engine, coefficient_module, pixels, targets)
+                history = self.train(engine, coefficient_module, pixels, targets, selection_data)
         except BaseException:
             # Keep what was learned so far: an interrupted run is not a lost run.
             artifacts.save_torch(f"{out_dir}/interrupted_coefficient_module.pt", coefficient_module.state_dict())
@@ -452,7 +554,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         result = {}
         for task in pixels:
             logits = self.merged_logits(engine, {task: take(pixels[task], slice(0, 256))})[task].float().cpu()
-            result[task] = agreement(logits, targets[task][:256].cpu())
+            result[task] = agreement(logits, target_logits(targets[task])[:256].cpu())
         return result
 
     def phase_seconds(self) -> Dict[str, float]:
@@ -478,6 +580,8 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             "models": names,
             "num_layers": len(param_names),
             "fit_data": data_info,
+            "schedule": self._schedule.as_dict(),
+            "selection": getattr(self, "_selection", {"select_by": "last"}),
             "fit_agreement_with_targets": fit_agreement,
             "coefficients": artifacts.coefficient_summary(coefficients, names),
             "final_loss": history[-1]["train/loss"] if history else None,

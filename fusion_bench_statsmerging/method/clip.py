@@ -36,12 +36,17 @@ class CLIPCoefficientDistillation(CLIPClassificationMixin, CoefficientDistillati
         return teacher_logits(lambda px: self.compute_logits(expert, px, task), inputs, TEACHER_BATCH,
                               self.fabric.device)
 
-    def merged_logits(self, engine: nn.Module, inputs: Dict[str, Inputs]) -> Dict[str, Tensor]:
+    def teacher_features(self, expert: nn.Module, task: str, inputs: Inputs) -> Tensor:
+        """The expert vision tower's pooled output (what the projection and zero-shot head read)."""
+        return teacher_logits(lambda px: expert(pixel_values=px)[1], inputs, TEACHER_BATCH, self.fabric.device)
+
+    def merged_outputs(self, engine: nn.Module, inputs: Dict[str, Inputs]):
         device = self.fabric.device
         images = torch.cat(list(inputs.values())).to(device=device, dtype=torch.float32)
         embeds = engine(pixel_values=images)[1]
-        logits, start = {}, 0
+        logits, feats, start = {}, {}, 0
         for task, px in inputs.items():
-            logits[task] = self.compute_logits(None, None, task, image_embeds=embeds[start : start + len(px)])
+            feats[task] = embeds[start : start + len(px)]
+            logits[task] = self.compute_logits(None, None, task, image_embeds=feats[task])
             start += len(px)
-        return logits
+        return logits, feats

@@ -129,17 +129,25 @@ class HeadsCoefficientDistillation(LightningFabricMixin, CoefficientDistillation
             out.append(self._heads[task](expert(batch)).float().cpu())
         return torch.cat(out)
 
-    def merged_logits(self, engine: nn.Module, inputs: Dict[str, Inputs]) -> Dict[str, Tensor]:
+    def teacher_features(self, expert: nn.Module, task: str, inputs: Inputs) -> Tensor:
+        """The expert backbone's output (what its head reads)."""
+        device = self.fabric.device
+        expert.eval()
+        return torch.cat([expert(inputs_to(take(inputs, slice(s, s + TEACHER_BATCH)), device)).float().cpu()
+                          for s in range(0, num_rows(inputs), TEACHER_BATCH)])
+
+    def merged_outputs(self, engine: nn.Module, inputs: Dict[str, Inputs]):
         device = self.fabric.device
         batch = inputs_to(concat_inputs(list(inputs.values())), device)
         with self._batchnorm_context(engine):
             features = engine(batch)
-        logits, start = {}, 0
+        logits, feats, start = {}, {}, 0
         for task, x in inputs.items():
             n = num_rows(x)
-            logits[task] = self._heads[task](features[start:start + n])
+            feats[task] = features[start:start + n]
+            logits[task] = self._heads[task](feats[task])
             start += n
-        return logits
+        return logits, feats
 
     # ------------------------------------------------------------------ BatchNorm
     def _prepare_engine(self, engine: nn.Module) -> None:

@@ -40,18 +40,27 @@ NO_DATA_PROTOCOL = Protocol("reused_learner_no_data", "none", False,
 
 
 class LearnerCoefficients(nn.Module):
-    """Coefficients as a function of fixed statistics: gradients reach only the learner."""
+    """Coefficients as a function of fixed statistics: gradients reach only the learner.
 
-    def __init__(self, learner: StatsMergeLearner, features: Tensor, num_layers: int, mode: str):
+    With ``residual`` a free correction per coefficient (zero at the start) is added to the
+    learner's prediction: the statistics give the prior, the distillation may then move any single
+    coefficient where the shared MLP cannot reach it.
+    """
+
+    def __init__(self, learner: StatsMergeLearner, features: Tensor, num_layers: int, mode: str,
+                 residual: bool = False):
         super().__init__()
         self.learner = learner
         self.mode = mode
         self.num_layers = num_layers
         self.register_buffer("features", features)
         self.register_buffer("depth", relative_depth(num_layers) if mode == "layer_wise" else torch.zeros(features.shape[0]))
+        self.residual = nn.Parameter(torch.zeros(features.shape[:-1])) if residual else None
 
     def forward(self) -> Tensor:
         coef = self.learner(self.features, self.depth)
+        if self.residual is not None:
+            coef = coef + self.residual
         if self.mode == "task_wise":
             coef = coef[:, None].expand(-1, self.num_layers)
         return coef
@@ -130,6 +139,7 @@ class StatsMergingCoefficients:
         name: Optional[str] = None,
         learner_path: Optional[str] = None,
         normalizer: str = "saved",
+        residual: bool = False,
         **kwargs,
     ):
         if normalizer not in NORMALIZERS:
@@ -159,6 +169,7 @@ class StatsMergingCoefficients:
             setattr(self, key, value)
         if self.reuses_without_training:
             self._protocol = NO_DATA_PROTOCOL
+        self.residual = bool(residual)
         if name:
             self.method_label = name
 
@@ -166,7 +177,11 @@ class StatsMergingCoefficients:
     @property
     def reuses_without_training(self) -> bool:
         """A loaded learner with ``max_steps: 0``: coefficients come from weights alone."""
-        return self._saved_learner is not None and int(self.max_steps) == 0
+        if self._saved_learner is None:
+            return False
+        if self.max_steps is not None:
+            return int(self.max_steps) == 0
+        return float(self.max_epochs or 0) == 0
 
     def check_pool(self, modelpool):
         """Data-free reuse runs the family's pool checks (and set-up, e.g. label words) on a view
@@ -212,7 +227,8 @@ class StatsMergingCoefficients:
                  tuple(raw.shape))
         self._raw_statistics = raw.cpu()
         self._pool_info = {"model_names": list(model_names), "param_names": list(engine.param_names)}
-        return LearnerCoefficients(learner, self._normalizer(raw).float(), len(engine.param_names), self.mode)
+        return LearnerCoefficients(learner, self._normalizer(raw).float(), len(engine.param_names), self.mode,
+                                   residual=self.residual)
 
     def write_artifacts(self, out_dir, coefficients, param_names, names, *args, **kwargs):
         if self.mode == "task_wise":
@@ -222,7 +238,7 @@ class StatsMergingCoefficients:
     def extra_artifacts(self, coefficient_module: LearnerCoefficients, out_dir: str) -> Dict[str, str]:
         saved = self._saved_learner
         options = {k: getattr(self, k) for k in LEARNER_OPTIONS}
-        provenance = {"method": self.method_label, "protocol": self._protocol.name, "max_steps": int(self.max_steps),
+        provenance = {"method": self.method_label, "protocol": self._protocol.name, "max_steps": self._schedule.max_steps if hasattr(self, "_schedule") else self.max_steps,
                       "loaded_from": saved.path if saved else None,
                       "normalizer": ("fitted on this pool" if saved is None or self.normalizer == "refit"
                                      else f"saved, from {saved.path}")}

@@ -1,0 +1,129 @@
+"""StatsMerging-R's ablation on the real suites: candidate rows, scored on validation, chosen there.
+
+The candidates are variants of ``method=statsmerging_residual_heads`` (the recommended configuration as
+committed, the comparison's ``statsmerging_residual`` row). They run as extra rows of the same
+``statsmerging-compare`` invocation as every other row (so they share the suite's build), with
+``taskpool.extra_splits=[validation]``, so each run reports validation and test accuracy. The choice
+reads validation only: the candidate with the best validation average over the given suites.
+
+    python benchmarks/real_suites/ablation.py --add-args              # rows for statsmerging-compare
+    python benchmarks/real_suites/ablation.py --choose W/compare_vision W/compare_text W/compare_hetero
+    python benchmarks/real_suites/ablation.py --promote KEY DIR...    # chosen candidate -> main row
+
+``--promote`` renames rows in each ``results.json`` (backup ``results.before_promote.json``): the
+chosen candidate becomes ``statsmerging_residual`` and the run that had that key becomes
+``ablation_r_base``; nothing is rerun, and only validation scores have chosen the candidate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Tuple
+
+MAIN_KEY = "statsmerging_residual"
+BASE_CONFIG = "method=statsmerging_residual_heads"
+# key -> (what differs from the committed configuration, overrides on top of BASE_CONFIG)
+CANDIDATES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
+    "ablation_r_last": ("last state instead of label-free validation selection", ("method.select_by=last",)),
+    "ablation_r_feat": ("plus feature distillation: relative squared error to each expert's backbone output "
+                        "(weight 1)", ("method.feature_weight=1.0",)),
+    "ablation_r_nores": ("no residual: the learner alone (StatsMerging with the same recipe)",
+                         ("method.residual=false",)),
+    "ablation_r_zero": ("start at 0 (the pretrained model; unbounded learner output) instead of 0.3",
+                        ("method.output=unbounded", "method.init_coefficient=0.0")),
+    "ablation_r_long": ("all unlabeled train images, 10 epochs over the largest task (2.5x the steps on vision)",
+                        ("method.max_samples_per_task=null",)),
+}
+
+
+def add_args() -> List[str]:
+    """``--add KEY=OVERRIDES`` arguments of statsmerging-compare, one per candidate."""
+    return [arg for key, (_, overrides) in CANDIDATES.items()
+            for arg in ("--add", f"{key}={' '.join([BASE_CONFIG, *overrides])}")]
+
+
+def _scores(run_dir: Path) -> Tuple[Optional[float], Optional[float]]:
+    """(validation average, test average) of one run's program_report.json, None where missing."""
+    path = run_dir / "program_report.json"
+    if not path.is_file():
+        return None, None
+    report = json.loads(path.read_text())
+    if isinstance(report, list):
+        report = report[0]
+    val = (report.get("validation_split") or {}).get("average", {}).get("accuracy")
+    test = (report.get("average") or {}).get("accuracy")
+    return val, test
+
+
+def collect(dirs: List[Path]) -> Dict[str, Dict[str, Tuple[Optional[float], Optional[float]]]]:
+    """key -> suite -> (validation, test) for the main row and every candidate."""
+    out: Dict[str, Dict[str, Tuple[Optional[float], Optional[float]]]] = {}
+    for key in [MAIN_KEY, *CANDIDATES]:
+        out[key] = {d.name: _scores(d / "runs" / key) for d in dirs}
+    return out
+
+
+def choose(scores: Mapping[str, Mapping[str, Tuple[Optional[float], Optional[float]]]]) -> str:
+    """The key with the best mean *validation* accuracy over the suites (a run missing any suite is out)."""
+    means = {k: sum(v[0] for v in s.values()) / len(s) for k, s in scores.items()
+             if s and all(v[0] is not None for v in s.values())}
+    if not means:
+        raise SystemExit("no candidate has validation scores on every suite")
+    return max(means, key=lambda k: (means[k], k == MAIN_KEY))
+
+
+def markdown(scores: Mapping[str, Mapping[str, Tuple[Optional[float], Optional[float]]]], chosen: str) -> str:
+    suites = list(next(iter(scores.values())))
+    head = "| candidate | differs from the committed configuration | " + " | ".join(
+        f"{s} val | {s} test" for s in suites) + " | mean val |"
+    lines = [head, "|---|---|" + "---|---|" * len(suites) + "---|"]
+    for key, per_suite in scores.items():
+        what = "the committed configuration" if key == MAIN_KEY else CANDIDATES[key][0]
+        cells = []
+        for s in suites:
+            cells += ["" if x is None else f"{100 * x:.2f}" for x in per_suite[s]]
+        vals = [v[0] for v in per_suite.values()]
+        mean = "" if any(v is None for v in vals) else f"{100 * sum(vals) / len(vals):.2f}"
+        name = f"**{key}** (chosen)" if key == chosen else key
+        lines.append(f"| {name} | {what} | " + " | ".join(cells) + f" | {mean} |")
+    return "\n".join(lines)
+
+
+def promote(chosen: str, dirs: List[Path]) -> None:
+    """Make the chosen candidate's run the main row of each results.json (see the module docstring)."""
+    if chosen == MAIN_KEY:
+        return
+    for d in dirs:
+        path = d / "results.json"
+        results = json.loads(path.read_text())
+        (d / "results.before_promote.json").write_text(json.dumps(results, indent=2))
+        for row in results["rows"]:
+            if row["key"] == MAIN_KEY:
+                row["key"], row["label"] = "ablation_r_base", "StatsMerging-R as committed before the ablation"
+            elif row["key"] == chosen:
+                row["key"], row["label"] = MAIN_KEY, f"StatsMerging-R (chosen on validation: {chosen})"
+        path.write_text(json.dumps(results, indent=2))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--add-args", action="store_true", help="print the candidates' --add arguments")
+    parser.add_argument("--choose", nargs="+", type=Path, metavar="COMPARE_DIR")
+    parser.add_argument("--promote", nargs="+", metavar=("KEY", "COMPARE_DIR"))
+    args = parser.parse_args(argv)
+    if args.add_args:
+        print(" ".join(shlex.quote(a) for a in add_args()))
+    if args.choose:
+        scores = collect(args.choose)
+        chosen = choose(scores)
+        print(markdown(scores, chosen))
+        print(f"\nchosen on validation: {chosen}")
+    if args.promote:
+        promote(args.promote[0], [Path(p) for p in args.promote[1:]])
+
+
+if __name__ == "__main__":
+    main()
