@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 import torch
@@ -26,6 +27,7 @@ from fusion_bench import BaseAlgorithm, auto_register_config
 from fusion_bench.mixins import SimpleProfilerMixin
 
 from .. import artifacts
+from ..checkpoint import CHECKPOINT_NAME, Checkpointer, StopFlag, resolve_resume
 from ..errors import UserError
 from ..distillation import (
     LOSSES, agreement, distillation_loss, feature_loss, get_protocol, load_labels, num_fit_samples, sample_indices,
@@ -178,6 +180,8 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         log_every: int = 10,
         artifact_dir: Optional[str] = None,
         save_merged_model: bool = False,
+        checkpoint_every: int = 100,
+        resume: Union[bool, str, None] = False,
         fit_data_on_device: bool = True,
         **kwargs,
     ):
@@ -203,6 +207,8 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         check_schedule(max_steps, max_epochs, lr_step_size, lr_step_epochs)
         if select_by not in SELECTIONS:
             raise UserError(f"Unknown select_by '{select_by}'; choose one of {list(SELECTIONS)}.")
+        if int(checkpoint_every) < 0:
+            raise UserError(f"checkpoint_every must be >= 0 (0: only on SIGINT/SIGTERM), got {checkpoint_every}.")
         if int(select_every) < 1 or int(select_samples) < 1:
             raise UserError(f"select_every and select_samples must be >= 1, got {select_every} and {select_samples}.")
         if not 0 < data_fraction <= 1:
@@ -307,9 +313,11 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         """Pick each task's unlabeled images, preprocess them, and cache the teacher's outputs."""
         min_samples = self.min_samples_per_task or self.batch_size
         pixels, targets, info = {}, {}, {}
+        self._fit_indices = {}  # checkpoints keep them: a resume on other samples is refused
         for t_idx, (task, ds) in enumerate(tqdm(datasets.items(), "Teacher targets")):
             n = num_fit_samples(len(ds), self.data_fraction, min_samples, self.max_samples_per_task)
             idx = sample_indices(len(ds), n, self.seed + t_idx)
+            self._fit_indices[task] = idx
             pixels[task], targets[task] = self.labelled_inputs(task, ds, idx, experts[task],
                                                                self._protocol.ground_truth)
             info[task] = {"split": self._protocol.split, "num_samples": n, "dataset_size": len(ds)}
@@ -448,10 +456,15 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         best = BestState() if selection_data is not None else None
         if best is not None:
             best.offer(self.selection_score(engine, coefficient_module, selection_data), 0, coefficient_module)
-        batches = self._batches(pixels, targets)
         history = []
+        checkpoints = getattr(self, "_checkpoints", None) or Checkpointer(None)
+        start = checkpoints.resume(coefficient_module, base_opt, scheduler, best, history)
+        batches = self._batches(pixels, targets)
+        for _ in range(start):  # the stream is a function of the seed: replay it to where the run stopped
+            next(batches)
         steps = schedule.max_steps
-        pbar = tqdm(range(steps), f"{self.method_label} ({self._protocol.name})", dynamic_ncols=True)
+        pbar = tqdm(range(start, steps), f"{self.method_label} ({self._protocol.name})", dynamic_ncols=True,
+                    initial=start, total=steps)
         for step in pbar:
             loss, losses = self._step(optimizer, engine, coefficient_module, next(batches))
             if scheduler is not None:
@@ -470,6 +483,8 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
                 score = self.selection_score(engine, coefficient_module, selection_data)
                 best.offer(score, step + 1, coefficient_module)
                 self.fabric.log_dict({"select/validation_agreement": score}, step=step)
+            checkpoints.after_step(step + 1, steps, getattr(self, "_stop", None), coefficient_module, base_opt,
+                                   scheduler, best, history)
         if best is not None:
             best.restore(coefficient_module)
             self._selection = best.summary()
@@ -489,6 +504,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         if hint:
             print(hint)
         out_dir = str(check_writable(self.out_dir(), "artifact folder (method.artifact_dir)"))
+        resume_from = resolve_resume(self.resume, out_dir)
         check_hub_files(modelpool, self._program)
         datasets = self.check_pool(modelpool)
         names = list(modelpool.model_names)
@@ -527,14 +543,11 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         with self.profile("coefficient module"):
             coefficient_module = self.fabric.to_device(self.build_coefficient_module(engine, names))
 
-        try:
-            with self.profile("training"):
-                history = self.train(engine, coefficient_module, pixels, targets, selection_data)
-        except BaseException:
-            # Keep what was learned so far: an interrupted run is not a lost run.
-            artifacts.save_torch(f"{out_dir}/interrupted_coefficient_module.pt", coefficient_module.state_dict())
-            log.error("Training interrupted; partial state saved under %s", out_dir)
-            raise
+        # An interrupted run is not a lost run: checkpoints every `checkpoint_every` steps and on
+        # SIGINT/SIGTERM, from which `method.resume` continues to the uninterrupted result.
+        self._checkpoints = self.make_checkpointer(out_dir, resume_from)
+        with self.profile("training"), StopFlag() as self._stop:
+            history = self.train(engine, coefficient_module, pixels, targets, selection_data)
 
         with torch.no_grad():
             coefficients = coefficient_module().detach().float().cpu()
@@ -544,8 +557,17 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
                                      history, data_info, fit_agreement, time.time() - start)
         if self.save_merged_model:
             files["merged_model"] = str(artifacts.save_model_dir(merged, f"{out_dir}/merged_model"))
+        self._checkpoints.remove()
         self.print_profile_summary()
         return merged
+
+    def make_checkpointer(self, out_dir: str, resume_from) -> Checkpointer:
+        path = Path(out_dir) / CHECKPOINT_NAME
+        if resume_from is None and path.is_file():
+            log.warning("%s holds the checkpoint of an interrupted run; this run starts afresh and replaces it "
+                        "(method.resume=true continues it instead).", path)
+        config = {k: getattr(self, k) for k in self._config_mapping.values() if hasattr(self, k)}
+        return Checkpointer(path, self.checkpoint_every, config, getattr(self, "_fit_indices", {}), resume_from)
 
     @torch.no_grad()
     def _fit_agreement(self, engine, coefficients, pixels, targets) -> Dict[str, float]:
