@@ -23,7 +23,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Iterable, List, Mapping, Optional, Sequence
 
 MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]  # configs, weights, vocabularies
 MODEL_KEYS = ("pretrained_model_name_or_path", "base_model", "processor", "tokenizer", "clip_model")

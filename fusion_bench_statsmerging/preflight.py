@@ -15,6 +15,7 @@ Each check turns a silently wrong result into one error naming the culprit:
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -72,8 +73,6 @@ def saved_tensor_shapes(name_or_path: str) -> Optional[Shapes]:
         index = local(SAFE_WEIGHTS_INDEX_NAME)
         if not index:
             return None
-        import json
-
         shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
         files = [local(s) for s in shards]
         if not all(files):
