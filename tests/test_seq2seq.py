@@ -272,6 +272,27 @@ def test_glue_fallback_without_declared_data_and_the_ground_truth_protocol(t5_ro
     assert labelled["label"] == raw["label"]
 
 
+def test_glue_protocols_read_the_split_the_taskpool_scores_and_say_so(t5_root, tmp_path, monkeypatch):
+    """The flan-t5 GLUE task pool scores GLUE's validation split: `validation_unlabeled` would fit on it
+    under a label-free name (refused), and test-time adaptation reads it (not GLUE's unscored test split)."""
+    import fusion_bench.tasks.flan_t5_text_generation.glue_load_dataset as glue
+
+    pool = load_pool(t5_root, train_datasets=None, val_datasets=None, test_datasets=None)
+    with pytest.raises(PoolError, match="validation split is the one the flan-t5 GLUE task pool scores"):
+        make(tmp_path, protocol="validation_unlabeled", glue_cache_dir=str(t5_root / "cache")).run(pool)
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    splits = []
+
+    def record(name, tokenizer, cache_dir=None, split="train"):
+        splits.append(split)
+        raise InterruptedError("stop after the first split read")
+
+    monkeypatch.setattr(glue, "load_glue_dataset", record)
+    with pytest.raises(InterruptedError):
+        make(tmp_path, protocol="test_time_adaptation", glue_cache_dir=str(t5_root / "cache")).run(pool)
+    assert splits == ["validation"]
+
+
 # --------------------------------------------------------------------------- CLI
 def test_users_command_composes_with_the_hosts_pool_and_taskpool():
     from hydra import compose, initialize_config_dir

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 import torch
@@ -26,10 +27,13 @@ from fusion_bench import BaseAlgorithm, auto_register_config
 from fusion_bench.mixins import SimpleProfilerMixin
 
 from .. import artifacts
+from ..checkpoint import CHECKPOINT_NAME, Checkpointer, StopFlag, resolve_resume
+from ..errors import UserError
 from ..distillation import (
     LOSSES, agreement, distillation_loss, feature_loss, get_protocol, load_labels, num_fit_samples, sample_indices,
 )
 from ..merge import HostLayerWiseEngine, check_same_architecture, trainable_names
+from ..preflight import check_loaded_model, check_writable
 from ..schedule import Schedule, check_schedule, resolve_schedule
 from ..selection import SELECTIONS, BestState
 
@@ -59,17 +63,36 @@ EVALUATING_TASKPOOL = {
 }
 
 
+def hydra_choice(group: str) -> str:
+    """The config the user chose for a group (``modelpool=...``), or '' outside a Hydra run."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return str(HydraConfig.get().runtime.choices.get(group, "") or "")
+    except Exception:
+        return ""
+
+
+def check_hub_files(modelpool, program) -> None:
+    """Offline with hub files missing: one error naming them and ``statsmerging-prefetch``, in seconds,
+    instead of a long retry loop ending in a ConnectionError. Local pools need nothing and cost nothing."""
+    from ..prefetch import command_for, needs_of_pools, offline_problem
+
+    needs = needs_of_pools(modelpool, getattr(program, "_taskpool", None))
+    if not needs:
+        return
+    command = command_for(hydra_choice("modelpool") or None, hydra_choice("taskpool") or None)
+    problem = offline_problem(needs, command)
+    if problem:
+        raise PoolError(problem)
+
+
 def taskpool_hint(program) -> Optional[str]:
     """One line telling the user how to evaluate, when the run composed the host's dummy task pool."""
     taskpool = getattr(program, "_taskpool", None)
     if taskpool is None or "DummyTaskPool" not in str(taskpool.get("_target_", "")):
         return None
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        pool = HydraConfig.get().runtime.choices.get("modelpool", "")
-    except Exception:
-        pool = ""
+    pool = hydra_choice("modelpool")
     suggestion = EVALUATING_TASKPOOL.get(str(pool).split("/")[-1], "<a task pool matching the model pool>")
     return (f"hint: no evaluation task pool was selected (the host's dummy pool only counts parameters); "
             f"add `taskpool={suggestion}` to evaluate the merged model.")
@@ -99,7 +122,7 @@ def num_rows(inputs: Inputs) -> int:
     return len(inputs)
 
 
-class PoolError(ValueError):
+class PoolError(UserError):
     """A model pool this method cannot merge, with what to change."""
 
 
@@ -112,7 +135,7 @@ def build_engine(name: str, pretrained: nn.Module, experts: List[nn.Module], **k
         from ..fused import FusedLayerWiseEngine
 
         return FusedLayerWiseEngine(pretrained, experts, **kwargs)
-    raise ValueError(f"Unknown merge_engine '{name}'; choose one of {list(ENGINES)}.")
+    raise UserError(f"Unknown merge_engine '{name}'; choose one of {list(ENGINES)}.")
 
 
 @auto_register_config
@@ -157,42 +180,46 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         log_every: int = 10,
         artifact_dir: Optional[str] = None,
         save_merged_model: bool = False,
+        checkpoint_every: int = 100,
+        resume: Union[bool, str, None] = False,
         fit_data_on_device: bool = True,
         **kwargs,
     ):
         # Validate everything a typo could break now, before any model is loaded.
         self._protocol = get_protocol(protocol)
         if loss not in LOSSES:
-            raise ValueError(f"Unknown loss '{loss}'; choose one of {list(LOSSES)}.")
+            raise UserError(f"Unknown loss '{loss}'; choose one of {list(LOSSES)}.")
         if optimizer not in OPTIMIZERS:
-            raise ValueError(f"Unknown optimizer '{optimizer}'; choose one of {list(OPTIMIZERS)}.")
+            raise UserError(f"Unknown optimizer '{optimizer}'; choose one of {list(OPTIMIZERS)}.")
         if merge_engine not in ENGINES:
-            raise ValueError(f"Unknown merge_engine '{merge_engine}'; choose one of {list(ENGINES)}.")
+            raise UserError(f"Unknown merge_engine '{merge_engine}'; choose one of {list(ENGINES)}.")
         if task_vector_dtype not in (None, "float32", "bfloat16", "float16"):
-            raise ValueError(f"task_vector_dtype must be null, float32, bfloat16 or float16, got '{task_vector_dtype}'.")
+            raise UserError(f"task_vector_dtype must be null, float32, bfloat16 or float16, got '{task_vector_dtype}'.")
         if autocast not in AUTOCAST_DTYPES:
-            raise ValueError(f"autocast must be auto, null, bf16 or fp16, got '{autocast}'.")
+            raise UserError(f"autocast must be auto, null, bf16 or fp16, got '{autocast}'.")
         if not 0.0 <= float(activation_checkpointing) <= 1.0:
-            raise ValueError("activation_checkpointing is the fraction of layers to checkpoint, in [0, 1]; "
+            raise UserError("activation_checkpointing is the fraction of layers to checkpoint, in [0, 1]; "
                              f"got {activation_checkpointing}.")
         if (activation_checkpointing or per_task_backward) and merge_engine != "fused":
-            raise ValueError("activation_checkpointing and per_task_backward need merge_engine: fused.")
+            raise UserError("activation_checkpointing and per_task_backward need merge_engine: fused.")
         if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+            raise UserError(f"batch_size must be >= 1, got {batch_size}.")
         check_schedule(max_steps, max_epochs, lr_step_size, lr_step_epochs)
         if select_by not in SELECTIONS:
-            raise ValueError(f"Unknown select_by '{select_by}'; choose one of {list(SELECTIONS)}.")
+            raise UserError(f"Unknown select_by '{select_by}'; choose one of {list(SELECTIONS)}.")
+        if int(checkpoint_every) < 0:
+            raise UserError(f"checkpoint_every must be >= 0 (0: only on SIGINT/SIGTERM), got {checkpoint_every}.")
         if int(select_every) < 1 or int(select_samples) < 1:
-            raise ValueError(f"select_every and select_samples must be >= 1, got {select_every} and {select_samples}.")
+            raise UserError(f"select_every and select_samples must be >= 1, got {select_every} and {select_samples}.")
         if not 0 < data_fraction <= 1:
-            raise ValueError(f"data_fraction must be in (0, 1], got {data_fraction}.")
+            raise UserError(f"data_fraction must be in (0, 1], got {data_fraction}.")
         if float(feature_weight) < 0:
-            raise ValueError(f"feature_weight must be >= 0 (0: logits only), got {feature_weight}.")
+            raise UserError(f"feature_weight must be >= 0 (0: logits only), got {feature_weight}.")
         if float(feature_weight) > 0 and self._protocol.ground_truth:
-            raise ValueError("feature_weight distils the experts' features; protocol train_ground_truth has no "
+            raise UserError("feature_weight distils the experts' features; protocol train_ground_truth has no "
                              "teacher. Set feature_weight: 0 or choose a label-free protocol.")
         if temperature <= 0 or lr <= 0:
-            raise ValueError(f"temperature and lr must be positive, got {temperature} and {lr}.")
+            raise UserError(f"temperature and lr must be positive, got {temperature} and {lr}.")
         super().__init__(**kwargs)
 
     # ------------------------------------------------------------------ hooks
@@ -261,9 +288,12 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         missing = [n for n in names if n not in available]
         if missing:
             key = {"train": "train_datasets", "validation": "val_datasets", "test": "test_datasets"}[split]
+            where = ""
+            if hasattr(modelpool, "dataset_dir"):  # a suite on disk: name the folders it looked for
+                where = " (looked for " + ", ".join(f"'{modelpool.dataset_dir(n, split)}'" for n in missing) + ")"
             raise PoolError(
                 f"{purpose} on the {split} split, but the model pool's "
-                f"`{key}` has no entry for {missing}. Add them, or change the method's options."
+                f"`{key}` has no entry for {missing}{where}. Add them, or change the method's options."
             )
         datasets = {}
         for name in names:
@@ -283,9 +313,11 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         """Pick each task's unlabeled images, preprocess them, and cache the teacher's outputs."""
         min_samples = self.min_samples_per_task or self.batch_size
         pixels, targets, info = {}, {}, {}
+        self._fit_indices = {}  # checkpoints keep them: a resume on other samples is refused
         for t_idx, (task, ds) in enumerate(tqdm(datasets.items(), "Teacher targets")):
             n = num_fit_samples(len(ds), self.data_fraction, min_samples, self.max_samples_per_task)
             idx = sample_indices(len(ds), n, self.seed + t_idx)
+            self._fit_indices[task] = idx
             pixels[task], targets[task] = self.labelled_inputs(task, ds, idx, experts[task],
                                                                self._protocol.ground_truth)
             info[task] = {"split": self._protocol.split, "num_samples": n, "dataset_size": len(ds)}
@@ -426,10 +458,15 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         best = BestState() if selection_data is not None else None
         if best is not None:
             best.offer(self.selection_score(engine, coefficient_module, selection_data), 0, coefficient_module)
-        batches = self._batches(pixels, targets)
         history = []
+        checkpoints = getattr(self, "_checkpoints", None) or Checkpointer(None)
+        start = checkpoints.resume(coefficient_module, base_opt, scheduler, best, history)
+        batches = self._batches(pixels, targets)
+        for _ in range(start):  # the stream is a function of the seed: replay it to where the run stopped
+            next(batches)
         steps = schedule.max_steps
-        pbar = tqdm(range(steps), f"{self.method_label} ({self._protocol.name})", dynamic_ncols=True)
+        pbar = tqdm(range(start, steps), f"{self.method_label} ({self._protocol.name})", dynamic_ncols=True,
+                    initial=start, total=steps)
         for step in pbar:
             loss, losses = self._step(optimizer, engine, coefficient_module, next(batches))
             if scheduler is not None:
@@ -448,6 +485,8 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
                 score = self.selection_score(engine, coefficient_module, selection_data)
                 best.offer(score, step + 1, coefficient_module)
                 self.fabric.log_dict({"select/validation_agreement": score}, step=step)
+            checkpoints.after_step(step + 1, steps, getattr(self, "_stop", None), coefficient_module, base_opt,
+                                   scheduler, best, history)
         if best is not None:
             best.restore(coefficient_module)
             self._selection = best.summary()
@@ -466,13 +505,17 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         hint = taskpool_hint(self._program)
         if hint:
             print(hint)
+        out_dir = str(check_writable(self.out_dir(), "artifact folder (method.artifact_dir)"))
+        resume_from = resolve_resume(self.resume, out_dir)
+        check_hub_files(modelpool, self._program)
         datasets = self.check_pool(modelpool)
         names = list(modelpool.model_names)
         torch.manual_seed(self.seed)
 
         with self.profile("load models"):
             pretrained = modelpool.load_pretrained_model()
-            experts = {n: modelpool.load_model(n) for n in names}
+            check_loaded_model(pretrained, "_pretrained_", pretrained=True)
+            experts = {n: check_loaded_model(modelpool.load_model(n), n) for n in names}
             for n, m in experts.items():
                 m._statsmerging_name = n
             # mismatched or corrupt experts fail here, before teachers run or weights are merged
@@ -502,15 +545,11 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         with self.profile("coefficient module"):
             coefficient_module = self.fabric.to_device(self.build_coefficient_module(engine, names))
 
-        out_dir = self.out_dir()
-        try:
-            with self.profile("training"):
-                history = self.train(engine, coefficient_module, pixels, targets, selection_data)
-        except BaseException:
-            # Keep what was learned so far: an interrupted run is not a lost run.
-            artifacts.save_torch(f"{out_dir}/interrupted_coefficient_module.pt", coefficient_module.state_dict())
-            log.error("Training interrupted; partial state saved under %s", out_dir)
-            raise
+        # An interrupted run is not a lost run: checkpoints every `checkpoint_every` steps and on
+        # SIGINT/SIGTERM, from which `method.resume` continues to the uninterrupted result.
+        self._checkpoints = self.make_checkpointer(out_dir, resume_from)
+        with self.profile("training"), StopFlag() as self._stop:
+            history = self.train(engine, coefficient_module, pixels, targets, selection_data)
 
         with torch.no_grad():
             coefficients = coefficient_module().detach().float().cpu()
@@ -520,8 +559,17 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
                                      history, data_info, fit_agreement, time.time() - start)
         if self.save_merged_model:
             files["merged_model"] = str(artifacts.save_model_dir(merged, f"{out_dir}/merged_model"))
+        self._checkpoints.remove()
         self.print_profile_summary()
         return merged
+
+    def make_checkpointer(self, out_dir: str, resume_from) -> Checkpointer:
+        path = Path(out_dir) / CHECKPOINT_NAME
+        if resume_from is None and path.is_file():
+            log.warning("%s holds the checkpoint of an interrupted run; this run starts afresh and replaces it "
+                        "(method.resume=true continues it instead).", path)
+        config = {k: getattr(self, k) for k in self._config_mapping.values() if hasattr(self, k)}
+        return Checkpointer(path, self.checkpoint_every, config, getattr(self, "_fit_indices", {}), resume_from)
 
     @torch.no_grad()
     def _fit_agreement(self, engine, coefficients, pixels, targets) -> Dict[str, float]:

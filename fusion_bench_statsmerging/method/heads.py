@@ -218,7 +218,7 @@ class HeadsCoefficientDistillation(LightningFabricMixin, CoefficientDistillation
         bn_info = self.finalize_batchnorm(backbone)
         log.info("BatchNorm statistics of the merged backbone: %s", bn_info)
         out_dir = Path(self.out_dir())
-        report_path = out_dir / "statsmerging_report.json"
+        report_path = out_dir / self.report_name
         if report_path.is_file():
             report = json.loads(report_path.read_text())
             report["batchnorm"] = bn_info

@@ -52,6 +52,10 @@ TEACHER_BATCH = 32
 STSB_WORDS = ["0", "1", "2", "3", "4", "5"]
 # protocol split -> GLUE split name where it differs (MNLI has matched/mismatched)
 GLUE_SPLITS = {"train": {}, "validation": {"mnli": "validation_matched"}, "test": {"mnli": "test_matched"}}
+# The host's flan-t5 GLUE task pool scores GLUE's *validation* split (GLUE's test labels are hidden), so
+# for GLUE data: test-time adaptation reads that split (the data it is scored on), and there is no
+# validation split apart from the scored one for `validation_unlabeled` to read.
+GLUE_SCORED_SPLIT = "validation"
 ID_COLUMNS = ("input_ids", "attention_mask")
 
 
@@ -274,12 +278,19 @@ class Seq2SeqCoefficientDistillation(LightningFabricMixin, CoefficientDistillati
         from fusion_bench.tasks.flan_t5_text_generation.glue_load_dataset import load_glue_dataset
 
         glue = glue_task(name)
-        glue_split = GLUE_SPLITS[split].get(glue, split)
+        if split == "validation":
+            raise PoolError(
+                f"protocol 'validation_unlabeled' on GLUE task '{name}': GLUE's validation split is the one the "
+                "flan-t5 GLUE task pool scores, so fitting on it would be test-time adaptation reported as "
+                "label-free validation. Use `method.protocol=test_time_adaptation` to fit on the scored split "
+                "knowingly, `train_unlabeled`, or declare a separate `val_datasets` in the model pool.")
+        source = GLUE_SCORED_SPLIT if split == "test" else split
+        glue_split = GLUE_SPLITS[source].get(glue, source)
         log.info("Task '%s': the model pool declares no %s data; using the host's GLUE '%s' split of '%s' "
                  "(load_glue_dataset, cache %s).", name, split, glue_split, glue, self.glue_cache_dir)
-        if split == "validation":
-            log.warning("GLUE's validation split is what the flan-t5 GLUE task pool evaluates on: fitting on it "
-                        "is test-time adaptation on the evaluation data.")
+        if split == "test":
+            log.warning("test-time adaptation on GLUE fits on its '%s' split: the one the flan-t5 GLUE task pool "
+                        "scores (GLUE's test split is unlabeled and never scored).", glue_split)
         return load_glue_dataset(glue, self._tok, cache_dir=self.glue_cache_dir, split=glue_split)
 
     def check_pool(self, modelpool) -> Dict[str, object]:

@@ -1,0 +1,58 @@
+"""Errors a user can act on, and their message as the last line of a failed ``fusion_bench`` run.
+
+The host CLI logs a failing run's traceback, Hydra prints it again and ends with its own
+"Set the environment variable HYDRA_FULL_ERROR=1" line, all below a config dump of a few hundred
+lines. A :class:`UserError` created inside a Hydra job therefore registers, once, an exit hook
+that repeats the latest such message as the last line of the output (``error: ...``), so the
+reader finds what to fix without scrolling. Outside a Hydra job (tests, library use) nothing is
+registered and the exception behaves like any ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import sys
+from typing import Optional
+
+_last: Optional[str] = None
+_registered = False
+
+
+def _in_hydra_job() -> bool:
+    """Only a CLI run has the noisy output worth repeating the message below."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.initialized()
+    except Exception:  # hydra missing or half set up: behave as library code
+        return False
+
+
+def one_line(message: str) -> str:
+    """The message on one line, for the very end of a long log."""
+    return " ".join(str(message).split())
+
+
+def _repeat_last() -> None:
+    if _last is not None:
+        sys.stdout.flush()
+        print(f"error: {_last}", file=sys.stderr, flush=True)
+
+
+def remember(message: str) -> None:
+    """Have ``message`` printed as the process's last line (inside a Hydra job only)."""
+    global _last, _registered
+    if not _in_hydra_job():
+        return
+    _last = one_line(message)
+    if not _registered:
+        atexit.register(_repeat_last)
+        _registered = True
+
+
+class UserError(ValueError):
+    """Something in the user's input (config, pool, files) that they can fix; the message says how."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        remember(message)

@@ -1,0 +1,113 @@
+"""Issue 15: an interrupted run is resumable and resumes to the uninterrupted result."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, make_algorithm
+from fusion_bench_statsmerging.checkpoint import ResumeError
+from fusion_bench_statsmerging.suite import CLIPSuiteModelPool
+
+SETTINGS = dict(max_steps=8, lr_step_size=3, lr_gamma=0.5, lr=5e-2, checkpoint_every=2)
+
+# The interrupted run: a real SIGTERM, sent to itself during step 4 (0-based), so the test does
+# not depend on timing; the handler lets step 4 finish, checkpoints after 5 steps, exits 143.
+INTERRUPTED = textwrap.dedent("""
+    import json, os, signal, sys
+    import lightning as L, torch
+    sys.path.insert(0, {tests!r})
+    torch.set_num_threads(1)
+    from conftest import make_algorithm
+    from fusion_bench_statsmerging.suite import CLIPSuiteModelPool
+    algorithm = make_algorithm(__import__("pathlib").Path({tmp!r}), L.Fabric(accelerator="cpu", devices=1),
+                               **json.loads({settings!r}))
+    step, real = [0], algorithm._step
+    def step_and_signal(*args):
+        if step[0] == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        step[0] += 1
+        return real(*args)
+    algorithm._step = step_and_signal
+    algorithm.run(CLIPSuiteModelPool(suite_dir={suite!r}))
+""")
+
+
+def _coefficients(tmp_path):
+    return torch.load(tmp_path / "artifacts" / "coefficients.pt")
+
+
+def test_sigterm_checkpoints_and_resume_equals_the_uninterrupted_run(tmp_path, suite_dir, cpu_fabric,
+                                                                      single_thread):
+    whole = tmp_path / "whole"
+    make_algorithm(whole, cpu_fabric, **SETTINGS).run(CLIPSuiteModelPool(suite_dir=str(suite_dir)))
+    assert not (whole / "artifacts" / "checkpoint.pt").exists()  # a finished run keeps none
+
+    parts = tmp_path / "parts"
+    script = INTERRUPTED.format(tests=str(REPO_ROOT / "tests"), tmp=str(parts), settings=json.dumps(SETTINGS),
+                                suite=str(suite_dir))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    checkpoint = parts / "artifacts" / "checkpoint.pt"
+    assert torch.load(checkpoint, weights_only=False)["steps_done"] == 5
+    assert not (parts / "artifacts" / "coefficients.pt").exists()  # no result pretends to be final
+    assert oct(checkpoint.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # the host's file mode
+
+    resumed = make_algorithm(parts, cpu_fabric, resume=True, **SETTINGS)
+    resumed.run(CLIPSuiteModelPool(suite_dir=str(suite_dir)))
+    assert torch.equal(_coefficients(parts), _coefficients(whole))
+    report = json.loads((parts / "artifacts" / "statsmerging_report.json").read_text())
+    assert [h["step"] for h in report["history"]] == list(range(8))  # history carried over
+    assert not checkpoint.exists()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_resume_refuses_a_missing_checkpoint_before_any_model_loads(tmp_path, suite_dir, cpu_fabric):
+    pool = CLIPSuiteModelPool(suite_dir=str(suite_dir))
+    pool.load_pretrained_model = lambda *a, **k: pytest.fail("no model may load before the check")
+    with pytest.raises(ResumeError, match=r"method.resume=True, but there is no checkpoint at '.*checkpoint.pt'"):
+        make_algorithm(tmp_path, cpu_fabric, resume=True).run(pool)
+
+
+def test_resume_refuses_other_settings(tmp_path, suite_dir, cpu_fabric, single_thread):
+    algorithm = make_algorithm(tmp_path, cpu_fabric, **SETTINGS)
+    real = algorithm._step
+    calls = []
+
+    def fail_at_step_three(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("simulated crash")
+        return real(*args)
+
+    algorithm._step = fail_at_step_three
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        algorithm.run(CLIPSuiteModelPool(suite_dir=str(suite_dir)))
+    checkpoint = tmp_path / "artifacts" / "checkpoint.pt"
+    assert torch.load(checkpoint, weights_only=False)["steps_done"] == 2  # the periodic one survived the crash
+    with pytest.raises(ResumeError, match=r"setting 'lr' was '0.05' there and is '0.1' now"):
+        make_algorithm(tmp_path, cpu_fabric, resume=str(checkpoint), **{**SETTINGS, "lr": 0.1}).run(
+            CLIPSuiteModelPool(suite_dir=str(suite_dir)))
+
+
+def test_sigint_waits_for_the_step_then_stops_as_keyboard_interrupt():
+    from fusion_bench_statsmerging.checkpoint import StopFlag
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt here: the step may finish
+        assert stop.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            stop.stop()
+    assert signal.getsignal(signal.SIGINT) is before
