@@ -101,3 +101,39 @@ def test_feature_distillation_adds_the_experts_features_to_the_loss(tmp_path, mo
     assert first[1.0] > first[0.0] + 1e-4  # same merge at step 0; the feature term is positive
     with pytest.raises(ValueError, match="feature_weight"):
         make_algorithm(tmp_path / "gt", cpu_fabric, feature_weight=1.0, protocol="train_ground_truth")
+
+
+def test_statsmerging_r_config_composes_and_trains_learner_and_residual(tmp_path, modelpool, cpu_fabric, monkeypatch):
+    """The recommended configuration as shipped: every trainable parameter (MLP and residual) gets a gradient."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from conftest import REPO_ROOT
+
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "config"), version_base=None):
+        cfg = compose(overrides=["+method=statsmerging_residual"]).method
+    assert (cfg.residual, cfg.loss, cfg.optimizer, cfg.select_by) == (True, "soft", "sam", "validation_agreement")
+    cfg.max_steps, cfg.select_every, cfg.batch_size = 3, 2, 8
+    cfg.artifact_dir = str(tmp_path / "artifacts")
+    algorithm = instantiate(cfg)
+    algorithm.fabric = cpu_fabric
+    seen = {}
+    original = algorithm.make_optimizer
+    monkeypatch.setattr(algorithm, "make_optimizer", lambda params: original(seen.setdefault("p", list(params))))
+    score = algorithm.selection_score
+    snapshots = []
+
+    def spy(engine, module, data):  # called at step 0 and after steps 2 and 3: the parameters then
+        snapshots.append([p.detach().clone() for p in module.parameters()])
+        return score(engine, module, data)
+
+    monkeypatch.setattr(algorithm, "selection_score", spy)
+    algorithm.run(modelpool)
+    assert len(seen["p"]) == 5  # two MLP layers (weight, bias each) + the residual
+    assert len(snapshots) == 3
+    for i, (before, after) in enumerate(zip(snapshots[0], snapshots[-1])):
+        assert not torch.equal(before, after), f"parameter {i} never moved: it got no gradient"
+    report = json.loads((tmp_path / "artifacts" / "statsmerging_report.json").read_text())
+    assert set(report["selection"]["agreement_by_step"]) == {"0", "2", "3"}
+
+
