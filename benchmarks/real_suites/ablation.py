@@ -114,6 +114,11 @@ def main(argv=None) -> None:
     parser.add_argument("--choose", nargs="+", type=Path, metavar="COMPARE_DIR")
     parser.add_argument("--promote", nargs="+", metavar=("KEY", "COMPARE_DIR"))
     args = parser.parse_args(argv)
+    for d in [*(args.choose or []), *(args.promote or [])[1:]]:
+        if not Path(d, "results.json").is_file():
+            parser.error(f"{d} holds no results.json: give statsmerging-compare output folders")
+    if args.promote and args.promote[0] not in [MAIN_KEY, *CANDIDATES]:
+        parser.error(f"unknown candidate '{args.promote[0]}'; known: {[MAIN_KEY, *CANDIDATES]}")
     if args.add_args:
         print(" ".join(shlex.quote(a) for a in add_args()))
     if args.choose:

@@ -1,0 +1,44 @@
+"""StatsMerging-R's ablation: the choice reads validation scores only, and promotion renames rows."""
+
+import json
+import sys
+
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks" / "real_suites"))
+import ablation  # noqa: E402
+
+
+def _suite(tmp_path, name, scores):
+    """A compare folder whose runs report (validation, test) averages; results.json lists the rows."""
+    root = tmp_path / name
+    for key, (val, test) in scores.items():
+        run = root / "runs" / key
+        run.mkdir(parents=True)
+        run.joinpath("program_report.json").write_text(json.dumps(
+            {"average": {"accuracy": test}, "validation_split": {"average": {"accuracy": val}}}))
+    rows = [{"key": k, "label": k} for k in scores]
+    (root / "results.json").write_text(json.dumps({"tasks": [], "rows": rows}))
+    return root
+
+
+def test_the_choice_follows_validation_not_test(tmp_path):
+    keys = [ablation.MAIN_KEY, *ablation.CANDIDATES]
+    a, b = keys[0], keys[1]
+    # b is better on test everywhere, a on validation: a must be chosen
+    scores = {k: (0.1, 0.1) for k in keys}
+    scores[a], scores[b] = (0.6, 0.5), (0.5, 0.9)
+    dirs = [_suite(tmp_path, "vision", scores), _suite(tmp_path, "text", scores)]
+    collected = ablation.collect(dirs)
+    assert ablation.choose(collected) == a
+    assert f"**{a}** (chosen)" in ablation.markdown(collected, a)
+
+
+def test_promotion_swaps_the_main_row_with_the_chosen_candidate(tmp_path):
+    chosen = next(iter(ablation.CANDIDATES))
+    root = _suite(tmp_path, "vision", {ablation.MAIN_KEY: (0.5, 0.5), chosen: (0.6, 0.4)})
+    ablation.promote(chosen, [root])
+    rows = {r["label"].split(" (")[0]: r["key"] for r in json.loads((root / "results.json").read_text())["rows"]}
+    keys = sorted(rows.values())
+    assert keys == sorted(["ablation_r_base", ablation.MAIN_KEY])
+    assert (root / "results.before_promote.json").is_file()
