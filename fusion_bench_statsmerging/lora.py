@@ -12,7 +12,7 @@ statistics can be read from them without forming s * B @ A (:mod:`.lora_stats`).
 
 Suite layout: the one :class:`CLIPSuiteModelPool` reads (``pretrained/``, ``tasks.json``,
 ``data/``) plus ``lora/<task>/`` (``adapter_config.json`` + ``adapter_model.safetensors``);
-``experts/`` is not read. ``adapters: {task: dir or hub id}`` points single tasks elsewhere.
+``experts/`` is not read. ``adapters: {task: folder}`` points single tasks elsewhere.
 """
 
 from __future__ import annotations
@@ -88,14 +88,14 @@ def load_lora_expert(pretrained: str, adapter: str, label: str, **kwargs) -> Tup
 
 def adapter_dirs(suite: Path, tasks: Sequence[str], lora_dir: str,
                  adapters: Optional[Dict[str, str]]) -> Dict[str, str]:
-    """Each task's adapter: ``<suite>/<lora_dir>/<task>``, or the folder / hub id given in ``adapters``.
-    A missing local folder is an error naming it, before any model is loaded."""
+    """Each task's adapter folder: ``<suite>/<lora_dir>/<task>``, or the one given in ``adapters``.
+    Local folders only (download hub adapters first: the offline checks know model repos, not adapters);
+    a missing one is an error naming it, before any model is loaded."""
     given = {t: str(a) for t, a in dict(adapters or {}).items() if t in tasks}
     found = {t: given.get(t, str(suite / lora_dir / t)) for t in tasks}
     for task, path in found.items():
         local = Path(path)
-        hub_id = task in given and not local.exists()
-        if not hub_id and not (local / ADAPTER_CONFIG).is_file():
+        if not (local / ADAPTER_CONFIG).is_file():
             raise SuiteError(
                 f"No LoRA adapter for task '{task}': '{local / ADAPTER_CONFIG}' is missing. Save one there with "
                 "peft's `save_pretrained`, point `adapters.{task}` at it, or build the tiny ones with "
@@ -116,7 +116,7 @@ class CLIPLoRAModelPool(CLIPSuiteModelPool):
 
     @property
     def adapters(self) -> Dict[str, str]:
-        """Task -> adapter folder (or hub id)."""
+        """Task -> adapter folder."""
         return dict(self._adapters)
 
     def _pretrained_path(self) -> str:

@@ -111,6 +111,14 @@ def test_missing_adapter_is_named(lora_suite):
         CLIPLoRAModelPool(suite_dir=str(lora_suite), lora_dir="adapters_elsewhere")
 
 
+def test_adapters_point_a_task_at_another_folder(lora_pool, lora_suite):
+    from fusion_bench_statsmerging.lora import CLIPLoRAModelPool
+
+    swapped = CLIPLoRAModelPool(suite_dir=str(lora_suite), adapters={"tiny_colors": str(lora_suite / "lora" / "tiny_stripes")})
+    ours, theirs = swapped.load_model("tiny_colors").state_dict(), lora_pool.load_model("tiny_stripes").state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_host_data_free_method_merges_the_pool_into_a_dense_model(lora_pool, lora_suite):
     from fusion_bench.method import TaskArithmeticAlgorithm
 
