@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor, nn
 
 from .lora_stats import lora_delta, lora_factor_statistics
@@ -30,6 +31,7 @@ from .suite import CLIPSuiteModelPool, SuiteError, _select, read_suite_tasks
 LORA_DIR = "lora"
 ADAPTER_CONFIG = "adapter_config.json"
 BASE_PREFIX = "base_model.model."
+TRANSFORMER_CHILDREN = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")  # CLIPVisionTransformer
 
 
 @dataclass(frozen=True)
@@ -45,10 +47,10 @@ class LoRAFactors:
         return lora_delta(self.lora_a, self.lora_b, self.scaling)
 
 
-def lora_factors_of(peft_model: nn.Module) -> Dict[str, LoRAFactors]:
+def lora_factors_of(peft_model: nn.Module, prefix: str = "") -> Dict[str, LoRAFactors]:
     """The factors of every LoRA layer of a ``PeftModel``, keyed by the name of the base model's weight
-    they update (as in the merged model's ``state_dict``). DoRA and other non-B@A variants are refused:
-    their update is not s * B @ A."""
+    they update, with ``prefix`` in front (as in the merged ``CLIPVisionModel``'s ``state_dict``). DoRA and
+    other non-B@A variants are refused: their update is not s * B @ A."""
     from peft.tuners.lora import LoraLayer
 
     factors: Dict[str, LoRAFactors] = {}
@@ -61,11 +63,61 @@ def lora_factors_of(peft_model: nn.Module) -> Dict[str, LoRAFactors]:
             if module.use_dora.get(adapter, False) or not isinstance(module.lora_A[adapter], nn.Linear):
                 raise SuiteError(f"LoRA layer '{name}' is not a plain linear B @ A adapter (DoRA or convolutional); "
                                  "the LoRA pool supports linear LoRA only.")
-            key = name.removeprefix(BASE_PREFIX) + ".weight"
+            key = prefix + name.removeprefix(BASE_PREFIX) + ".weight"
             factors[key] = LoRAFactors(module.lora_A[adapter].weight.detach().clone(),
                                        module.lora_B[adapter].weight.detach().clone(),
                                        float(module.scaling[adapter]))
     return factors
+
+
+def saved_lora_tensors(adapter: str) -> Dict[str, Tensor]:
+    """The LoRA factors saved in an adapter folder (``adapter_model.safetensors`` or ``.bin``), by saved name."""
+    folder = Path(adapter)
+    if (folder / "adapter_model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+    else:
+        tensors = torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
+    return {k: v for k, v in tensors.items() if ".lora_A." in k or ".lora_B." in k}
+
+
+def vision_weight_name(saved_key: str) -> Optional[str]:
+    """The ``CLIPVisionModel`` weight a saved LoRA tensor updates, or None outside the vision tower.
+
+    Adapters are saved from a ``CLIPModel`` or ``CLIPVisionModel`` (``base_model.model.vision_model.…``)
+    or, as FusionBench's own CLIP LoRA checkpoints, from the bare ``CLIPVisionTransformer``
+    (``base_model.model.encoder.…``); both name the same weights."""
+    name = saved_key.removeprefix(BASE_PREFIX)
+    name = name.replace(".lora_A.weight", ".weight").replace(".lora_B.weight", ".weight")
+    if name.startswith("vision_model."):
+        return name
+    if name.startswith(TRANSFORMER_CHILDREN):
+        return "vision_model." + name
+    return None
+
+
+def attach_adapter(base: nn.Module, adapter: str, label: str) -> Tuple[nn.Module, Dict[str, LoRAFactors]]:
+    """Load ``adapter`` onto a ``CLIPVisionModel`` (or its bare transformer, as the adapter was saved) and
+    return the peft model and the factors, checked equal to the saved ones: peft silently leaves B at zero
+    for a tensor whose name does not match, which would make the expert the pretrained model."""
+    from peft import PeftModel
+
+    saved = saved_lora_tensors(adapter)
+    names = {k: vision_weight_name(k) for k in saved}
+    names = {k: n for k, n in names.items() if n is not None}
+    if not names:
+        raise SuiteError(f"The adapter of '{label}' ('{adapter}') has no LoRA tensor on the CLIP vision tower.")
+    on_transformer = not any(k.startswith(BASE_PREFIX + "vision_model.") for k in names)
+    peft_model = PeftModel.from_pretrained(base.vision_model if on_transformer else base, adapter)
+    factors = lora_factors_of(peft_model, prefix="vision_model." if on_transformer else "")
+    for key, name in names.items():
+        loaded = factors.get(name)
+        value = None if loaded is None else (loaded.lora_a if ".lora_A." in key else loaded.lora_b)
+        if value is None or not torch.equal(value, saved[key].to(value.dtype)):
+            raise SuiteError(f"The adapter of '{label}' ('{adapter}'): tensor '{key}' was not loaded onto "
+                             f"'{name}'; was it saved from another model?")
+    return peft_model, factors
 
 
 def load_lora_expert(pretrained: str, adapter: str, label: str, **kwargs) -> Tuple[nn.Module, Dict[str, LoRAFactors]]:
@@ -74,16 +126,14 @@ def load_lora_expert(pretrained: str, adapter: str, label: str, **kwargs) -> Tup
     The base is checked as the pretrained checkpoint (a full CLIP may hold the text tower too), the merged
     model for finite weights (a NaN factor would otherwise be merged silently).
     """
-    from peft import PeftModel
     from transformers import CLIPVisionModel
 
     base = CLIPVisionModel.from_pretrained(pretrained, **kwargs)
-    peft_model = PeftModel.from_pretrained(base, adapter)
-    factors = lora_factors_of(peft_model)
-    if not factors:
-        raise SuiteError(f"The adapter of '{label}' ('{adapter}') has no LoRA layer on the CLIP vision model.")
+    peft_model, factors = attach_adapter(base, adapter, label)
     merged = peft_model.merge_and_unload()
-    return check_loaded_model(merged, label, pretrained=True), factors
+    if merged is not base:  # the adapter sat on the bare transformer
+        base.vision_model = merged
+    return check_loaded_model(base, label, pretrained=True), factors
 
 
 def adapter_dirs(suite: Path, tasks: Sequence[str], lora_dir: str,
@@ -132,11 +182,10 @@ class CLIPLoRAModelPool(CLIPSuiteModelPool):
 
     def lora_factors(self, task: str) -> Dict[str, LoRAFactors]:
         """The task's LoRA factors, keyed by the dense expert's weight name they update."""
-        from peft import PeftModel
         from transformers import CLIPVisionModel
 
         base = CLIPVisionModel.from_pretrained(self._pretrained_path())
-        return lora_factors_of(PeftModel.from_pretrained(base, self._adapters[task]))
+        return attach_adapter(base, self._adapters[task], task)[1]
 
     def factor_statistics(self, task: str, features: Sequence[str], rank: int) -> Dict[str, Tensor]:
         """StatsMerging's statistics of the task vector on each adapted weight, from the factors
@@ -145,4 +194,5 @@ class CLIPLoRAModelPool(CLIPSuiteModelPool):
                 for name, f in self.lora_factors(task).items()}
 
 
-__all__ = ["CLIPLoRAModelPool", "LoRAFactors", "adapter_dirs", "load_lora_expert", "lora_factors_of"]
+__all__ = ["CLIPLoRAModelPool", "LoRAFactors", "adapter_dirs", "attach_adapter", "load_lora_expert", "lora_factors_of",
+           "saved_lora_tensors", "vision_weight_name"]

@@ -71,8 +71,19 @@ def _saved_updates(adapter_dir):
         if ".lora_A." in key:
             lora_b = tensors[key.replace(".lora_A.", ".lora_B.")]
             name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+            name = name if name.startswith("vision_model.") else "vision_model." + name  # saved from the transformer
             updates[name] = scaling * (lora_b.double() @ lora_a.double())
     return updates
+
+
+def _assert_pretrained_plus_updates(weights, pretrained, updates):
+    assert weights.keys() == pretrained.keys()  # dense: no LoRA tensors left
+    assert updates and max(u.abs().max() for u in updates.values()) > 1e-3  # B is off zero
+    for name, value in weights.items():
+        if name in updates:
+            torch.testing.assert_close(value.double(), pretrained[name].double() + updates[name], rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(value, pretrained[name]), name
 
 
 def test_pool_experts_are_pretrained_plus_scaled_lora_products(lora_pool, lora_suite):
@@ -80,16 +91,51 @@ def test_pool_experts_are_pretrained_plus_scaled_lora_products(lora_pool, lora_s
     for task in lora_pool.model_names:
         expert = lora_pool.load_model(task)
         assert type(expert).__name__ == "CLIPVisionModel"
-        weights = expert.state_dict()
-        assert weights.keys() == pretrained.keys()  # dense: no LoRA tensors left
-        updates = _saved_updates(lora_suite / "lora" / task)
-        assert updates and max(u.abs().max() for u in updates.values()) > 1e-3  # training moved B off zero
-        for name, value in weights.items():
-            if name in updates:
-                torch.testing.assert_close(value.double(), pretrained[name].double() + updates[name],
-                                           rtol=0, atol=1e-6)
-            else:
-                assert torch.equal(value, pretrained[name]), name
+        _assert_pretrained_plus_updates(expert.state_dict(), pretrained, _saved_updates(lora_suite / "lora" / task))
+
+
+def _transformer_adapter(lora_suite, folder):
+    """An adapter saved from the bare ``CLIPVisionTransformer`` (FusionBench's own CLIP LoRA layout)."""
+    from peft import get_peft_model
+    from transformers import CLIPVisionModel
+
+    from fusion_bench_statsmerging.lora_fixtures import tiny_lora_config
+
+    torch.manual_seed(0)
+    model = get_peft_model(CLIPVisionModel.from_pretrained(lora_suite / "pretrained").vision_model,
+                           tiny_lora_config(2, 4.0))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_adapters_saved_from_the_bare_vision_transformer_load_too(lora_pool, lora_suite, tmp_path):
+    from fusion_bench_statsmerging.lora import CLIPLoRAModelPool
+
+    folder = _transformer_adapter(lora_suite, tmp_path / "transformer_lora")
+    pool = CLIPLoRAModelPool(suite_dir=str(lora_suite), adapters={"tiny_colors": str(folder)})
+    updates = _saved_updates(folder)
+    assert all(name.startswith("vision_model.encoder.") for name in updates)
+    _assert_pretrained_plus_updates(pool.load_model("tiny_colors").state_dict(),
+                                    pool.load_pretrained_model().state_dict(), updates)
+
+
+@pytest.mark.filterwarnings("ignore:Found missing adapter keys")  # peft only warns; the pool refuses
+def test_adapter_tensors_that_do_not_load_are_an_error(lora_suite, tmp_path):
+    from safetensors.torch import save_file
+
+    from fusion_bench_statsmerging.lora import CLIPLoRAModelPool
+    from fusion_bench_statsmerging.suite import SuiteError
+
+    folder = _transformer_adapter(lora_suite, tmp_path / "renamed_lora")
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    save_file({k.replace("encoder.layers.", "encoder.layer."): v for k, v in tensors.items()},
+              str(folder / "adapter_model.safetensors"))
+    pool = CLIPLoRAModelPool(suite_dir=str(lora_suite), adapters={"tiny_colors": str(folder)})
+    with pytest.raises(SuiteError, match="was not loaded"):
+        pool.load_model("tiny_colors")
 
 
 def test_pool_factor_statistics_equal_dense_task_vector_statistics(lora_pool):
