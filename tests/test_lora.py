@@ -71,6 +71,8 @@ def _saved_updates(adapter_dir):
         if ".lora_A." in key:
             lora_b = tensors[key.replace(".lora_A.", ".lora_B.")]
             name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+            if name.startswith("text_model."):  # saved from a full CLIPModel: not part of the vision expert
+                continue
             name = name if name.startswith("vision_model.") else "vision_model." + name  # saved from the transformer
             updates[name] = scaling * (lora_b.double() @ lora_a.double())
     return updates
@@ -94,16 +96,20 @@ def test_pool_experts_are_pretrained_plus_scaled_lora_products(lora_pool, lora_s
         _assert_pretrained_plus_updates(expert.state_dict(), pretrained, _saved_updates(lora_suite / "lora" / task))
 
 
-def _transformer_adapter(lora_suite, folder):
-    """An adapter saved from the bare ``CLIPVisionTransformer`` (FusionBench's own CLIP LoRA layout)."""
+def _transformer_adapter(lora_suite, folder, saved_from="transformer"):
+    """An adapter with random B saved from the bare ``CLIPVisionTransformer`` (where FusionBench's
+    ``load_lora_vision_model_hf`` puts its CLIP LoRA adapters) or from a full ``CLIPModel`` (both towers)."""
     from peft import get_peft_model
-    from transformers import CLIPVisionModel
+    from transformers import CLIPModel, CLIPVisionModel
 
     from fusion_bench_statsmerging.lora_fixtures import tiny_lora_config
 
     torch.manual_seed(0)
-    model = get_peft_model(CLIPVisionModel.from_pretrained(lora_suite / "pretrained").vision_model,
-                           tiny_lora_config(2, 4.0))
+    if saved_from == "transformer":
+        base = CLIPVisionModel.from_pretrained(lora_suite / "pretrained").vision_model
+    else:
+        base = CLIPModel.from_pretrained(lora_suite / "pretrained")
+    model = get_peft_model(base, tiny_lora_config(2, 4.0))
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1)
@@ -111,13 +117,16 @@ def _transformer_adapter(lora_suite, folder):
     return folder
 
 
-def test_adapters_saved_from_the_bare_vision_transformer_load_too(lora_pool, lora_suite, tmp_path):
+@pytest.mark.parametrize("saved_from", ["transformer", "clip_model"])
+def test_adapters_saved_from_the_bare_transformer_or_the_full_clip_load_too(lora_suite, tmp_path, saved_from):
     from fusion_bench_statsmerging.lora import CLIPLoRAModelPool
 
-    folder = _transformer_adapter(lora_suite, tmp_path / "transformer_lora")
+    folder = _transformer_adapter(lora_suite, tmp_path / "lora", saved_from)
     pool = CLIPLoRAModelPool(suite_dir=str(lora_suite), adapters={"tiny_colors": str(folder)})
     updates = _saved_updates(folder)
-    assert all(name.startswith("vision_model.encoder.") for name in updates)
+    if saved_from == "clip_model":
+        assert any(".text_model." in key for key in load_file(str(folder / "adapter_model.safetensors")))
+    assert updates and all(name.startswith("vision_model.encoder.") for name in updates)
     _assert_pretrained_plus_updates(pool.load_model("tiny_colors").state_dict(),
                                     pool.load_pretrained_model().state_dict(), updates)
 
