@@ -41,7 +41,7 @@ def lora_pool(lora_suite):
 
 
 @pytest.mark.parametrize("out_dim, in_dim, r", [(32, 64, 4), (6, 40, 8), (50, 3, 2), (1, 16, 1)])
-@pytest.mark.parametrize("scaling, rank", [(2.0, 3), (0.25, 10)])
+@pytest.mark.parametrize("scaling, rank", [(2.0, 3), (0.25, 10), (-0.5, 2)])
 def test_factor_statistics_equal_dense_statistics(out_dim, in_dim, r, scaling, rank):
     gen = torch.Generator().manual_seed(out_dim * 1000 + in_dim + r)
     lora_a = torch.randn(r, in_dim, generator=gen)
