@@ -165,16 +165,13 @@ def _logits(vision_model, projection, head, scale, pixels) -> torch.Tensor:
     return scale * F.normalize(emb, dim=-1) @ head.t()
 
 
-def finetune_expert(clip_model, processor, head, train, steps: int, lr: float, seed: int):
-    """Fine-tune a copy of the vision tower on one task with the task's frozen zero-shot head."""
-    import copy
-
-    torch.manual_seed(seed)
-    vision = copy.deepcopy(clip_model.vision_model).train()
+def fit_to_head(vision, clip_model, processor, head, train, steps: int, lr: float, seed: int):
+    """Train ``vision``'s trainable parameters (all of them, or only LoRA factors) on one task through the
+    task's frozen zero-shot head: cross-entropy on the train split's labels, AdamW, batches of 32."""
     projection = clip_model.visual_projection.requires_grad_(False)
     scale = clip_model.logit_scale.exp().detach()
     pixels, labels = _pixel_values(processor, train), torch.tensor(train["label"])
-    opt = torch.optim.AdamW(vision.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in vision.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         idx = torch.randint(0, len(labels), (32,), generator=gen)
@@ -183,6 +180,15 @@ def finetune_expert(clip_model, processor, head, train, steps: int, lr: float, s
         loss.backward()
         opt.step()
     return vision.eval()
+
+
+def finetune_expert(clip_model, processor, head, train, steps: int, lr: float, seed: int):
+    """Fine-tune a copy of the vision tower on one task with the task's frozen zero-shot head."""
+    import copy
+
+    torch.manual_seed(seed)
+    vision = copy.deepcopy(clip_model.vision_model).train()
+    return fit_to_head(vision, clip_model, processor, head, train, steps, lr, seed)
 
 
 @torch.no_grad()

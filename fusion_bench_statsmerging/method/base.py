@@ -54,6 +54,7 @@ EVALUATING_TASKPOOL = {
     "clip-vit-large-patch14_TALL20": "clip-vit-classification_TALL20_L14",
     "clip_suite": "clip_suite",
     "clip_suite_hetero": "clip_suite",
+    "clip_suite_lora": "clip_suite",
     "heads_suite": "heads_suite",
     "heads_suite_hetero": "heads_suite",
     "clip-vit-base-patch32_TA8_hetero": "clip-vit-classification_TA8",
