@@ -11,11 +11,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from fusion_bench_statsmerging import distributed
+from fusion_bench_statsmerging.checkpoint import StopFlag
 from fusion_bench_statsmerging.distillation import sample_indices
 from fusion_bench_statsmerging.errors import UserError
 
@@ -83,6 +85,18 @@ def test_one_process_hooks_are_no_ops():
     assert distributed.batch_rows(None) == slice(0, None, 1)
     assert distributed.is_rank_zero(None) and distributed.world_size(None) == 1
     assert distributed.gather({"x": 1}, None) == [{"x": 1}]
+    stop = StopFlag()
+    distributed.share_stop(stop, None)
+    assert stop.signum is None
+
+
+def test_the_batchnorm_family_refuses_ddp_before_loading_anything(tmp_path):
+    from fusion_bench_statsmerging.method.statsmerging.heads_statsmerging import HeadsStatsMergingAlgorithm
+
+    algorithm = HeadsStatsMergingAlgorithm(artifact_dir=str(tmp_path))
+    algorithm.fabric = SimpleNamespace(world_size=2, global_rank=0, _loggers=[])  # _loggers: the mixin's __del__
+    with pytest.raises(UserError, match="BatchNorm"):
+        algorithm.run(modelpool=None)
 
 
 def test_batch_size_must_split_evenly_over_the_ranks():
