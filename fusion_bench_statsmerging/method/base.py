@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from fusion_bench import BaseAlgorithm, auto_register_config
 from fusion_bench.mixins import SimpleProfilerMixin
 
-from .. import artifacts
+from .. import artifacts, distributed
 from ..checkpoint import CHECKPOINT_NAME, Checkpointer, StopFlag, resolve_resume
 from ..errors import UserError
 from ..distillation import (
@@ -371,17 +371,26 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         return float(sum(hits[t] / num_rows(inputs[t]) for t in inputs) / len(inputs))
 
     def _batches(self, pixels: Dict[str, Tensor], targets: Dict[str, Tensor]):
-        """Endless per-task shuffled batches, reproducible from the seed."""
+        """Endless per-task shuffled batches, reproducible from the seed. Under DDP every rank draws
+        the same global batch and keeps its rows ``rank::world`` (all rows in one process); the
+        fit-set rows it kept during its first pass over each task are noted in ``self._first_pass``
+        (a reshuffle starts the next pass, after which every rank sees every row again)."""
         gen = torch.Generator().manual_seed(self.seed)
         order = {t: torch.randperm(num_rows(p), generator=gen) for t, p in pixels.items()}
         pos = {t: 0 for t in pixels}
+        mine = distributed.batch_rows(self.fabric)
+        self._first_pass = {t: [] for t in pixels}
+        reshuffled = set()
         while True:
             batch = {}
             for t in pixels:
                 if pos[t] + self.batch_size > len(order[t]):
                     order[t], pos[t] = torch.randperm(num_rows(pixels[t]), generator=gen), 0
-                i = order[t][pos[t] : pos[t] + self.batch_size]
+                    reshuffled.add(t)
+                i = order[t][pos[t] : pos[t] + self.batch_size][mine]
                 pos[t] += self.batch_size
+                if t not in reshuffled:
+                    self._first_pass[t].extend(i.tolist())
                 batch[t] = (take(pixels[t], i), take(targets[t], i))
             yield batch
 
@@ -431,11 +440,15 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         return torch.stack(list(losses.values())).mean(), losses
 
     def _step(self, optimizer, engine, coefficient_module, batch) -> tuple[Tensor, Dict[str, Tensor]]:
-        """One optimisation step (SAM calls the closure twice, re-merging each time)."""
+        """One optimisation step (SAM calls the closure twice, re-merging each time). Under DDP the
+        closure averages the gradients across ranks before SAM or the optimizer reads them."""
+        params = [p for p in coefficient_module.parameters() if p.requires_grad]
+        closure = distributed.synced_closure(lambda: self.closure_loss(engine, coefficient_module, batch),
+                                             params, self.fabric)
         if self.optimizer == "sam":
-            return optimizer.step(lambda: self.closure_loss(engine, coefficient_module, batch))
+            return optimizer.step(closure)
         optimizer.zero_grad(set_to_none=True)
-        loss, losses = self.closure_loss(engine, coefficient_module, batch)
+        loss, losses = closure()
         if loss.requires_grad:  # per-task backward has already computed the gradients
             loss.backward()
         optimizer.step()
@@ -486,6 +499,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
                 score = self.selection_score(engine, coefficient_module, selection_data)
                 best.offer(score, step + 1, coefficient_module)
                 self.fabric.log_dict({"select/validation_agreement": score}, step=step)
+            distributed.share_stop(getattr(self, "_stop", None), self.fabric)
             checkpoints.after_step(step + 1, steps, getattr(self, "_stop", None), coefficient_module, base_opt,
                                    scheduler, best, history)
         if best is not None:
@@ -504,8 +518,9 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         start = time.time()
         log.info("%s: data protocol = %s (%s)", self.method_label, self._protocol.name, self._protocol.description)
         hint = taskpool_hint(self._program)
-        if hint:
+        if hint and distributed.is_rank_zero(self.fabric):
             print(hint)
+        distributed.check_batch_size(self.batch_size, distributed.world_size(self.fabric))
         out_dir = str(check_writable(self.out_dir(), "artifact folder (method.artifact_dir)"))
         resume_from = resolve_resume(self.resume, out_dir)
         check_hub_files(modelpool, self._program)
@@ -556,17 +571,28 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             coefficients = coefficient_module().detach().float().cpu()
             fit_agreement = self._fit_agreement(engine, coefficients, pixels, targets)
         merged = engine.merge_and_unload(coefficients.to(self.fabric.device))
-        files = self.write_artifacts(out_dir, coefficients, engine.param_names, names, coefficient_module,
-                                     history, data_info, fit_agreement, time.time() - start)
-        if self.save_merged_model:
-            files["merged_model"] = str(artifacts.save_model_dir(merged, f"{out_dir}/merged_model"))
-        self._checkpoints.remove()
+        if distributed.world_size(self.fabric) > 1:  # a collective: every rank takes part
+            self._distributed = self.distributed_summary()
+        if distributed.is_rank_zero(self.fabric):  # the ranks hold the same coefficients: one writes them
+            files = self.write_artifacts(out_dir, coefficients, engine.param_names, names, coefficient_module,
+                                         history, data_info, fit_agreement, time.time() - start)
+            if self.save_merged_model:
+                files["merged_model"] = str(artifacts.save_model_dir(merged, f"{out_dir}/merged_model"))
+            self._checkpoints.remove()
         self.print_profile_summary()
         return merged
 
+    def distributed_summary(self) -> Dict[str, object]:
+        """Under DDP: the world size and, per task, the dataset indices each rank trained on in its first
+        pass over the fit set (disjoint shares that together cover the rows of that pass)."""
+        return {"world_size": distributed.world_size(self.fabric),
+                "first_pass_rows_by_rank": distributed.rows_by_rank(self._first_pass, self._fit_indices,
+                                                                    self.fabric)}
+
     def make_checkpointer(self, out_dir: str, resume_from) -> Checkpointer:
-        path = Path(out_dir) / CHECKPOINT_NAME
-        if resume_from is None and path.is_file():
+        """Rank 0 saves; every rank resumes from the same file (other ranks get no path to write)."""
+        path = Path(out_dir) / CHECKPOINT_NAME if distributed.is_rank_zero(self.fabric) else None
+        if resume_from is None and path is not None and path.is_file():
             log.warning("%s holds the checkpoint of an interrupted run; this run starts afresh and replaces it "
                         "(method.resume=true continues it instead).", path)
         config = {k: getattr(self, k) for k in self._config_mapping.values() if hasattr(self, k)}
@@ -605,6 +631,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             "models": names,
             "num_layers": len(param_names),
             "fit_data": data_info,
+            **({"distributed": self._distributed} if getattr(self, "_distributed", None) else {}),
             "schedule": self._schedule.as_dict(),
             "selection": getattr(self, "_selection", {"select_by": "last"}),
             "fit_agreement_with_targets": fit_agreement,

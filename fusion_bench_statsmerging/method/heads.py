@@ -39,7 +39,8 @@ from torch import Tensor, nn
 from fusion_bench import auto_register_config
 from fusion_bench.mixins import LightningFabricMixin
 
-from .. import artifacts
+from .. import artifacts, distributed
+from ..errors import UserError
 from ..heads import (
     BatchNormMerger, PerTaskHeadsModel, batch_statistics, batchnorm_with_stats, batchnorm_layers, concat_inputs, inputs_to,
     mixed_batches, read_inputs, reestimate_batchnorm, running_stats, save_backbone, save_head,
@@ -208,6 +209,9 @@ class HeadsCoefficientDistillation(LightningFabricMixin, CoefficientDistillation
 
     # ------------------------------------------------------------------ run
     def run(self, modelpool):
+        if distributed.world_size(self.fabric) > 1:
+            raise UserError("The per-task-head family runs in one process: its BatchNorm layers would see each "
+                            "rank's share of the batch, not the global batch. Drop fabric.devices / strategy=ddp.")
         save = self.save_merged_model
         self.save_merged_model = False  # saved below, once BatchNorm statistics are final
         try:
