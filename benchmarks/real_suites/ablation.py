@@ -32,8 +32,8 @@ CANDIDATES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
                         "(weight 1)", ("method.feature_weight=1.0",)),
     "ablation_r_nores": ("no residual: the learner alone (StatsMerging with the same recipe)",
                          ("method.residual=false",)),
-    "ablation_r_zero": ("start at 0 (the pretrained model; unbounded learner output) instead of 0.3",
-                        ("method.output=unbounded", "method.init_coefficient=0.0")),
+    "ablation_r_init03": ("start at 0.3 (task arithmetic; sigmoid output in (0, 1)) instead of 0, unbounded",
+                          ("method.output=sigmoid", "method.init_coefficient=0.3")),
     "ablation_r_long": ("all unlabeled train images, 10 epochs over the largest task (2.5x the steps on vision)",
                         ("method.max_samples_per_task=null",)),
 }
