@@ -325,16 +325,16 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         return pixels, targets, info
 
     def labelled_inputs(self, task: str, dataset, indices: List[int], expert: nn.Module,
-                        ground_truth: bool = False) -> tuple:
+                        ground_truth: bool = False, with_features: bool = True) -> tuple:
         """The inputs at ``indices`` and their targets: the expert's logits (human labels only
-        under a ground-truth protocol)."""
+        under a ground-truth protocol), with its features too when ``feature_weight`` asks for them."""
         inputs = self.fit_inputs(dataset, indices)
         if ground_truth:
             return inputs, load_labels(dataset, indices)
         teacher = expert.to(self.fabric.device).eval()
         with torch.no_grad():
             logits = self.teacher_targets(teacher, task, inputs)
-            if float(self.feature_weight) > 0:
+            if with_features and float(self.feature_weight) > 0:
                 logits = {"logits": logits, "features": self.teacher_features(teacher, task, inputs).float().cpu()}
         teacher.cpu()
         return inputs, logits
@@ -349,7 +349,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         for t_idx, (task, ds) in enumerate(datasets.items()):
             n = min(int(self.select_samples), len(ds))
             idx = sample_indices(len(ds), n, self.seed + 7919 + t_idx)
-            inputs[task], targets[task] = self.labelled_inputs(task, ds, idx, experts[task])
+            inputs[task], targets[task] = self.labelled_inputs(task, ds, idx, experts[task], with_features=False)
         return inputs, targets
 
     @torch.no_grad()
