@@ -8,7 +8,6 @@ long schedule against overfitting the small fit sets without reading a single la
 
 from __future__ import annotations
 
-import copy
 from typing import Dict, Optional
 
 from torch import nn
@@ -31,7 +30,7 @@ class BestState:
         if self.score is not None and score <= self.score:
             return False
         self.score, self.step = float(score), int(step)
-        self.state = {k: v.detach().cpu().clone() for k, v in copy.copy(module.state_dict()).items()}
+        self.state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
         return True
 
     def restore(self, module: nn.Module) -> None:

@@ -121,21 +121,20 @@ class HeadsCoefficientDistillation(LightningFabricMixin, CoefficientDistillation
     def fit_inputs(self, dataset, indices: List[int]) -> Inputs:
         return read_inputs(dataset, indices, self._column, self._processor)
 
-    def teacher_targets(self, expert: nn.Module, task: str, inputs: Inputs) -> Tensor:
+    def _expert_outputs(self, fn, inputs: Inputs) -> Tensor:
+        """``fn`` over the inputs in teacher batches on the fabric's device; float32 on the CPU."""
         device = self.fabric.device
+        return torch.cat([fn(inputs_to(take(inputs, slice(s, s + TEACHER_BATCH)), device)).float().cpu()
+                          for s in range(0, num_rows(inputs), TEACHER_BATCH)])
+
+    def teacher_targets(self, expert: nn.Module, task: str, inputs: Inputs) -> Tensor:
         expert.eval()
-        out = []
-        for start in range(0, num_rows(inputs), TEACHER_BATCH):
-            batch = inputs_to(take(inputs, slice(start, start + TEACHER_BATCH)), device)
-            out.append(self._heads[task](expert(batch)).float().cpu())
-        return torch.cat(out)
+        return self._expert_outputs(lambda x: self._heads[task](expert(x)), inputs)
 
     def teacher_features(self, expert: nn.Module, task: str, inputs: Inputs) -> Tensor:
         """The expert backbone's output (what its head reads)."""
-        device = self.fabric.device
         expert.eval()
-        return torch.cat([expert(inputs_to(take(inputs, slice(s, s + TEACHER_BATCH)), device)).float().cpu()
-                          for s in range(0, num_rows(inputs), TEACHER_BATCH)])
+        return self._expert_outputs(expert, inputs)
 
     def merged_outputs(self, engine: nn.Module, inputs: Dict[str, Inputs]):
         device = self.fabric.device
