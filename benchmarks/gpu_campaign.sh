@@ -7,13 +7,17 @@
 #   source benchmarks/device_env.sh
 #   setsid nohup bash benchmarks/gpu_campaign.sh WORK CACHE >/tmp/campaign.log 2>&1 &
 # WORK/real/status and WORK/status say what has finished; results: WORK/real/compare_*/, WORK/engine/.
+# The suites may start in two invocations as their assets arrive (carry limits): first
+#   STEPS="vision hetero compare_vision compare_hetero" ABLATION=1 bash benchmarks/real_suites/gpu_real_suites.sh WORK/real CACHE
+# then this script with STEPS="text compare_text" (it waits for both comparisons before the engine figures).
+# benchmarks/pack_campaign.sh WORK OUT packs what has finished (no weights, no suite data) at any time.
 set -u
 W=$(realpath -m "$1"); CACHE=$(realpath -m "$2")
 mkdir -p "$W/engine"
 here=$(cd "$(dirname "$0")" && pwd)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 echo "$(date +%T) start" >>"$W/status"
-ABLATION=1 COMPARE_TIMEOUT=${COMPARE_TIMEOUT:-1500} JOBS_VISION=${JOBS_VISION:-8} JOBS_TEXT=${JOBS_TEXT:-6} \
+ABLATION=1 COMPARE_TIMEOUT=${COMPARE_TIMEOUT:-1300} JOBS_VISION=${JOBS_VISION:-8} JOBS_TEXT=${JOBS_TEXT:-6} \
   JOBS_HETERO=${JOBS_HETERO:-8} bash "$here/real_suites/gpu_real_suites.sh" "$W/real" "$CACHE" &
 until grep -q "compare_vision rc" "$W/real/status" 2>/dev/null && grep -q "compare_text rc" "$W/real/status" 2>/dev/null
 do sleep 10; done

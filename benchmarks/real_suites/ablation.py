@@ -36,6 +36,8 @@ CANDIDATES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
                           ("method.output=sigmoid", "method.init_coefficient=0.3")),
     "ablation_r_long": ("all unlabeled train images, 10 epochs over the largest task (2.5x the steps on vision)",
                         ("method.max_samples_per_task=null",)),
+    "ablation_r_long_feat": ("all unlabeled train images and feature distillation (weight 1) together",
+                             ("method.max_samples_per_task=null", "method.feature_weight=1.0")),
 }
 
 
