@@ -21,7 +21,7 @@ from test_training import LabelTrap
 from fusion_bench_statsmerging.distillation import distillation_loss
 from fusion_bench_statsmerging.method.base import build_engine
 from fusion_bench_statsmerging.method.samerging import CLIPSAMergingAlgorithm, FreeCoefficients
-from fusion_bench_statsmerging.sam import SAM
+from fusion_bench_statsmerging.sam import SAM, OutputPerturbation, perturbation
 from fusion_bench_statsmerging.suite import CLIPSuiteModelPool
 
 RHO = 0.07
@@ -150,7 +150,7 @@ def test_asam_perturbation_matches_its_formula(rig):
         p.grad = torch.randn(p.shape, generator=gen)
     norm = torch.sqrt(sum(((p.detach() * p.grad) ** 2).sum() for p in params))
     expected = [RHO * p.detach() ** 2 * p.grad / norm for p in params]
-    got = SAM(torch.optim.SGD(params, lr=0.1), rho=RHO, adaptive=True)._perturbation(params)
+    got = perturbation([p.detach() for p in params], [p.grad for p in params], RHO, adaptive=True)
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e)
 
@@ -177,6 +177,56 @@ def test_asam_perturbation_matches_its_formula(rig):
     sam.step(rig.closure(engine, zero))
     assert torch.count_nonzero(sam.last_perturbation[0]) == 0
     torch.testing.assert_close(sam.last_second_grads[0], sam.last_first_grads[0], atol=0, rtol=0)
+
+
+class LinearCoefficients(torch.nn.Module):
+    """lambda = A theta + b: a coefficient module whose parameters are not the coefficients (as a
+    learner's), with a Jacobian the test knows."""
+
+    def __init__(self, shape, width=5, seed=3):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.shape = shape
+        self.A = 0.2 * torch.randn(shape.numel(), width, generator=gen)
+        self.b = 0.3 + 0.05 * torch.randn(shape.numel(), generator=gen)
+        self.theta = torch.nn.Parameter(torch.randn(width, generator=gen))
+
+    def forward(self):
+        return (self.A @ self.theta + self.b).view(self.shape)
+
+
+def test_coefficient_space_sam_perturbs_the_output_and_reaches_the_parameters(rig):
+    """sam_space: coefficients. The perturbation is rho g/||g|| of the *coefficients'* gradient, the second
+    loss is the model merged at lambda + e, and its gradient reaches the parameters through lambda's
+    Jacobian taken at the unperturbed parameters; the parameters move only by the base optimizer."""
+    engine = rig.engine("fused")
+    module = LinearCoefficients(torch.Size([len(rig.tasks), len(rig.names)]))
+    start_theta = module.theta.detach().clone()
+    lam = module().detach()
+    output = OutputPerturbation(module)
+    sam = SAM(_adam([module.theta]), rho=RHO)
+    sam.step(rig.closure(engine, output), output=output)
+    g_lam = rig.reference_grad(lam)
+    (eps,) = sam.last_perturbation
+    torch.testing.assert_close(eps, RHO * g_lam / g_lam.norm(), atol=1e-7, rtol=1e-4)
+    assert output.shift is None  # nothing left perturbed after the step
+    second = module.A.T @ rig.reference_grad(lam + eps).reshape(-1)
+    manual = start_theta.clone().requires_grad_(True)
+    adam = _adam([manual])
+    manual.grad = second
+    adam.step()
+    torch.testing.assert_close(module.theta.detach(), manual.detach(), atol=1e-7, rtol=1e-5)
+
+
+def test_coefficient_space_sam_equals_parameter_space_for_free_coefficients(rig):
+    engine = rig.engine("fused")
+    a, b = rig.coefficients(), rig.coefficients()
+    sam_a, sam_b = SAM(_adam([a.coefficients]), rho=RHO), SAM(_adam([b.coefficients]), rho=RHO)
+    for _ in range(2):
+        sam_a.step(rig.closure(engine, a))
+        out = OutputPerturbation(b)
+        sam_b.step(rig.closure(engine, out), output=out)
+        torch.testing.assert_close(a.coefficients, b.coefficients, atol=1e-7, rtol=1e-6)
 
 
 def _compose(name):

@@ -101,10 +101,15 @@ def test_feature_distillation_adds_the_experts_features_to_the_loss(tmp_path, mo
     assert first[1.0] > first[0.0] + 1e-4  # same merge at step 0; the feature term is positive
     with pytest.raises(ValueError, match="feature_weight"):
         make_algorithm(tmp_path / "gt", cpu_fabric, feature_weight=1.0, protocol="train_ground_truth")
+    with pytest.raises(ValueError, match="sam_space"):
+        make_algorithm(tmp_path / "bad", cpu_fabric, sam_space="outputs")
 
 
-def test_statsmerging_r_config_composes_and_trains_learner_and_residual(tmp_path, modelpool, cpu_fabric, monkeypatch):
-    """The recommended configuration as shipped: every trainable parameter (MLP and residual) gets a gradient."""
+@pytest.mark.parametrize("sam_space", ["parameters", "coefficients"])
+def test_statsmerging_r_config_composes_and_trains_learner_and_residual(tmp_path, modelpool, cpu_fabric, monkeypatch,
+                                                                        sam_space):
+    """The recommended configuration as shipped (and with SAM in coefficient space): every trainable
+    parameter (MLP and residual) gets a gradient."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
@@ -113,7 +118,7 @@ def test_statsmerging_r_config_composes_and_trains_learner_and_residual(tmp_path
     with initialize_config_dir(config_dir=str(REPO_ROOT / "config"), version_base=None):
         cfg = compose(overrides=["+method=statsmerging_residual"]).method
     assert (cfg.residual, cfg.loss, cfg.optimizer, cfg.select_by) == (True, "soft", "sam", "validation_agreement")
-    cfg.max_steps, cfg.select_every, cfg.batch_size = 3, 2, 8
+    cfg.max_steps, cfg.select_every, cfg.batch_size, cfg.sam_space = 3, 2, 8, sam_space
     cfg.artifact_dir = str(tmp_path / "artifacts")
     algorithm = instantiate(cfg)
     algorithm.fabric = cpu_fabric

@@ -98,6 +98,9 @@ def taskpool_hint(program) -> Optional[str]:
     return (f"hint: no evaluation task pool was selected (the host's dummy pool only counts parameters); "
             f"add `taskpool={suggestion}` to evaluate the merged model.")
 OPTIMIZERS = ("adam", "sam")
+# where SAM perturbs: the optimised parameters (learner weights, or free coefficients), or the merging
+# coefficients they produce (sam.OutputPerturbation; the same thing for free coefficients)
+SAM_SPACES = ("parameters", "coefficients")
 AUTOCAST_DTYPES = {None: None, "none": None, "auto": "auto", "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
                    "fp16": torch.float16, "float16": torch.float16}
 
@@ -170,6 +173,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         optimizer: str = "adam",
         sam_rho: float = 0.05,
         sam_adaptive: bool = False,
+        sam_space: str = "parameters",
         merge_engine: str = "fused",
         task_vector_dtype: Optional[str] = None,
         autocast: Optional[str] = None,
@@ -192,6 +196,8 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             raise UserError(f"Unknown loss '{loss}'; choose one of {list(LOSSES)}.")
         if optimizer not in OPTIMIZERS:
             raise UserError(f"Unknown optimizer '{optimizer}'; choose one of {list(OPTIMIZERS)}.")
+        if sam_space not in SAM_SPACES:
+            raise UserError(f"Unknown sam_space '{sam_space}'; choose one of {list(SAM_SPACES)}.")
         if merge_engine not in ENGINES:
             raise UserError(f"Unknown merge_engine '{merge_engine}'; choose one of {list(ENGINES)}.")
         if task_vector_dtype not in (None, "float32", "bfloat16", "float16"):
@@ -442,9 +448,17 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
     def _step(self, optimizer, engine, coefficient_module, batch) -> tuple[Tensor, Dict[str, Tensor]]:
         """One optimisation step (SAM calls the closure twice, re-merging each time). Under DDP the
         closure averages the gradients across ranks before SAM or the optimizer reads them."""
+        from ..sam import OutputPerturbation
+
         params = [p for p in coefficient_module.parameters() if p.requires_grad]
-        closure = distributed.synced_closure(lambda: self.closure_loss(engine, coefficient_module, batch),
+        in_output_space = self.optimizer == "sam" and self.sam_space == "coefficients"
+        coefficients = OutputPerturbation(coefficient_module) if in_output_space else coefficient_module
+        closure = distributed.synced_closure(lambda: self.closure_loss(engine, coefficients, batch),
                                              params, self.fabric)
+        if in_output_space:
+            world = distributed.world_size(self.fabric)
+            return optimizer.step(closure, output=coefficients,
+                                  reduce=lambda tensors: distributed.all_reduce_mean_(tensors, world))
         if self.optimizer == "sam":
             return optimizer.step(closure)
         optimizer.zero_grad(set_to_none=True)
