@@ -3,6 +3,8 @@
 import json
 import sys
 
+import pytest
+
 from conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks" / "real_suites"))
@@ -42,3 +44,13 @@ def test_promotion_swaps_the_main_row_with_the_chosen_candidate(tmp_path):
     keys = sorted(rows.values())
     assert keys == sorted(["ablation_r_base", ablation.MAIN_KEY])
     assert (root / "results.before_promote.json").is_file()
+
+
+def test_only_limits_the_candidate_rows():
+    keys = list(ablation.CANDIDATES)[:2]
+    args = ablation.add_args(keys)
+    assert args[::2] == ["--add", "--add"]
+    assert [a.split("=", 1)[0] for a in args[1::2]] == keys
+    assert len(ablation.add_args()) == 2 * len(ablation.CANDIDATES)
+    with pytest.raises(SystemExit, match="unknown"):
+        ablation.add_args(["no_such_candidate"])

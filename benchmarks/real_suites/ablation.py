@@ -6,7 +6,7 @@ committed, the comparison's ``statsmerging_residual`` row). They run as extra ro
 ``taskpool.extra_splits=[validation]``, so each run reports validation and test accuracy. The choice
 reads validation only: the candidate with the best validation average over the given suites.
 
-    python benchmarks/real_suites/ablation.py --add-args              # rows for statsmerging-compare
+    python benchmarks/real_suites/ablation.py --add-args [--only K,K]  # rows for statsmerging-compare
     python benchmarks/real_suites/ablation.py --choose W/compare_vision W/compare_text W/compare_hetero
     python benchmarks/real_suites/ablation.py --promote KEY DIR...    # chosen candidate -> main row
 
@@ -41,9 +41,12 @@ CANDIDATES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
 }
 
 
-def add_args() -> List[str]:
-    """``--add KEY=OVERRIDES`` arguments of statsmerging-compare, one per candidate."""
-    return [arg for key, (_, overrides) in CANDIDATES.items()
+def add_args(only: Optional[List[str]] = None) -> List[str]:
+    """``--add KEY=OVERRIDES`` arguments of statsmerging-compare, one per candidate (or per candidate in ``only``)."""
+    unknown = sorted(set(only or []) - set(CANDIDATES))
+    if unknown:
+        raise SystemExit(f"unknown candidates {unknown}; known: {list(CANDIDATES)}")
+    return [arg for key, (_, overrides) in CANDIDATES.items() if only is None or key in only
             for arg in ("--add", f"{key}={' '.join([BASE_CONFIG, *overrides])}")]
 
 
@@ -113,6 +116,7 @@ def promote(chosen: str, dirs: List[Path]) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--add-args", action="store_true", help="print the candidates' --add arguments")
+    parser.add_argument("--only", help="with --add-args: a comma-separated subset of the candidates")
     parser.add_argument("--choose", nargs="+", type=Path, metavar="COMPARE_DIR")
     parser.add_argument("--promote", nargs="+", metavar=("KEY", "COMPARE_DIR"))
     args = parser.parse_args(argv)
@@ -122,7 +126,7 @@ def main(argv=None) -> None:
     if args.promote and args.promote[0] not in [MAIN_KEY, *CANDIDATES]:
         parser.error(f"unknown candidate '{args.promote[0]}'; known: {[MAIN_KEY, *CANDIDATES]}")
     if args.add_args:
-        print(" ".join(shlex.quote(a) for a in add_args()))
+        print(" ".join(shlex.quote(a) for a in add_args(args.only.split(",") if args.only else None)))
     if args.choose:
         scores = collect(args.choose)
         chosen = choose(scores)

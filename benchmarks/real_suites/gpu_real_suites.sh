@@ -35,6 +35,7 @@ ROWS=${COMPARE_METHODS:-adamerging_layer_train,statsmerging_plusplus,samerging,s
 HETERO_ROWS=${HETERO_METHODS:-adamerging_layer_train,samerging,statsmerging_residual,statsmerging_layer,statsmerging_task,pretrained,individual,simple_average,task_arithmetic,ties_merging,wudi,iso_c,iso_cts,tsv_m}
 # ABLATION=1: StatsMerging-R's candidate rows (ablation.py) join each comparison, and every row is also
 # scored on the validation split (reported apart; the choice reads validation only)
+# (ABLATION_CANDIDATES=key,key,...: only those candidates)
 ABLATION=${ABLATION:-0}
 DEVICE=${DEVICE:-cuda}; BUILD_ARGS=${BUILD_ARGS:-}
 JOBS_VISION=${JOBS_VISION:-$JOBS}; JOBS_TEXT=${JOBS_TEXT:-$JOBS}; JOBS_HETERO=${JOBS_HETERO:-$JOBS}
@@ -54,7 +55,7 @@ compare() {  # compare NAME SUITE METHODS JOBS [extra args...]
   local name=$1 suite=$2 methods=$3 jobs=$4; shift 4
   local ablation=()
   if [ "$ABLATION" = 1 ]; then
-    eval "ablation=($(python3 "$here/ablation.py" --add-args))"
+    eval "ablation=($(python3 "$here/ablation.py" --add-args ${ABLATION_CANDIDATES:+--only "$ABLATION_CANDIDATES"}))"
     ablation+=(--extra-overrides "taskpool.extra_splits=[validation]")
   fi
   python3 -m fusion_bench_statsmerging.compare --suite "$suite" --out "$W/compare_$name" --jobs "$jobs" \
