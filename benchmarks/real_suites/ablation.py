@@ -38,6 +38,8 @@ CANDIDATES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
                         ("method.max_samples_per_task=null",)),
     "ablation_r_long_feat": ("all unlabeled train images and feature distillation (weight 1) together",
                              ("method.max_samples_per_task=null", "method.feature_weight=1.0")),
+    "ablation_r_csam": ("SAM perturbs the merging coefficients, not the learner's weights (sam_space: coefficients)",
+                        ("method.sam_space=coefficients",)),
 }
 
 
