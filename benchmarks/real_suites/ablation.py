@@ -125,6 +125,8 @@ def main(argv=None) -> None:
     for d in [*(args.choose or []), *(args.promote or [])[1:]]:
         if not Path(d, "results.json").is_file():
             parser.error(f"{d} holds no results.json: give statsmerging-compare output folders")
+    if args.only and not args.add_args:
+        parser.error("--only selects candidates for --add-args; give --add-args too")
     if args.promote and args.promote[0] not in [MAIN_KEY, *CANDIDATES]:
         parser.error(f"unknown candidate '{args.promote[0]}'; known: {[MAIN_KEY, *CANDIDATES]}")
     if args.add_args:

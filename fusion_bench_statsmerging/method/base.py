@@ -33,6 +33,7 @@ from ..distillation import (
     LOSSES, agreement, distillation_loss, feature_loss, get_protocol, load_labels, num_fit_samples, sample_indices,
 )
 from ..merge import HostLayerWiseEngine, check_same_architecture, trainable_names
+from ..sam import SAM, OutputPerturbation
 from ..preflight import check_loaded_model, check_writable
 from ..schedule import Schedule, check_schedule, resolve_schedule
 from ..selection import SELECTIONS, BestState
@@ -448,8 +449,6 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
     def _step(self, optimizer, engine, coefficient_module, batch) -> tuple[Tensor, Dict[str, Tensor]]:
         """One optimisation step (SAM calls the closure twice, re-merging each time). Under DDP the
         closure averages the gradients across ranks before SAM or the optimizer reads them."""
-        from ..sam import OutputPerturbation
-
         params = [p for p in coefficient_module.parameters() if p.requires_grad]
         in_output_space = self.optimizer == "sam" and self.sam_space == "coefficients"
         coefficients = OutputPerturbation(coefficient_module) if in_output_space else coefficient_module
@@ -469,8 +468,6 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         return loss, losses
 
     def make_optimizer(self, params):
-        from ..sam import SAM
-
         base = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
         if self.optimizer == "sam":
             return SAM(base, rho=self.sam_rho, adaptive=self.sam_adaptive)
