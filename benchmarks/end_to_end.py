@@ -135,8 +135,9 @@ def build_suite(root: Path, model: str, experts: int, fit_images: int, seed: int
     return time.perf_counter() - start
 
 
-def run_variant(root: Path, name: str, overrides: List[str], steps: int, fit_images: int) -> Dict:
-    """One CLI run; returns the method's report with the process wall time added."""
+def run_variant(root: Path, name: str, overrides: List[str], steps: int, fit_images: int, profile: int = 0) -> Dict:
+    """One CLI run; returns the method's report with the process wall time added (and, with ``profile``,
+    the method's profile of that many steps: wall ms per step, device-busy ms, blocking calls per step)."""
     run_dir = root / "runs" / name
     if overrides and overrides[0].startswith("method="):  # another config, with its own budget and schedule
         method, overrides, budget = overrides[0], overrides[1:], []
@@ -144,7 +145,8 @@ def run_variant(root: Path, name: str, overrides: List[str], steps: int, fit_ima
         method = "method=statsmerging"
         budget = ["method.data_fraction=1.0", f"method.max_samples_per_task={fit_images}", f"method.max_steps={steps}"]
     cmd = [sys.executable, "-m", "fusion_bench.scripts.cli", method, "modelpool=clip_suite", "taskpool=dummy",
-           *budget, f"method.artifact_dir={run_dir}", f"path.log_dir={run_dir}", *overrides]
+           *budget, f"method.artifact_dir={run_dir}", f"path.log_dir={run_dir}", *overrides,
+           *([f"method.profile_steps={profile}"] if profile else [])]
     env = {**os.environ, "STATSMERGING_SUITE_DIR": str(root), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
@@ -158,7 +160,8 @@ def run_variant(root: Path, name: str, overrides: List[str], steps: int, fit_ima
     return {"variant": name, "overrides": overrides, "process_wall_s": round(wall, 2),
             "method_seconds": report["seconds"], "phase_seconds": report.get("phase_seconds", {}),
             "steps": done, "ms_per_step": round(1000 * training / done, 2) if training and done else None,
-            "final_loss": report["final_loss"], "command": " ".join(cmd)}
+            "final_loss": report["final_loss"], "command": " ".join(cmd),
+            **({"profile": report["profile"]} if "profile" in report else {})}
 
 
 def markdown(results: List[Dict], meta: Dict) -> str:
@@ -187,15 +190,20 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="default,bf16", help=f"comma list of {sorted(VARIANTS)}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--profile", type=int, default=0,
+                   help="profile that many training steps of each run (method.profile_steps); profile.txt per run")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     build_s = build_suite(a.out, a.model, a.experts, a.fit_images, a.seed)
     print(f"suite built in {build_s:.1f}s", flush=True)
-    results = [run_variant(a.out, v, VARIANTS[v], a.steps, a.fit_images) for v in a.variants.split(",")]
+    results = [run_variant(a.out, v, VARIANTS[v], a.steps, a.fit_images, a.profile) for v in a.variants.split(",")]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     meta = {"model": a.model, "experts": a.experts, "fit_images": a.fit_images, "steps": a.steps,
             "device": device, "torch": torch.__version__, "build_seconds": round(build_s, 1)}
     print(markdown(results, meta))
+    for r in results:
+        if "profile" in r:
+            print(r["variant"], "profile:", json.dumps(r["profile"]))
     if a.json:
         a.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     return 1 if any("error" in r for r in results) else 0

@@ -8,6 +8,7 @@ from transformers import CLIPVisionModel
 
 from conftest import make_algorithm
 from fusion_bench_statsmerging.distillation import PROTOCOLS
+from fusion_bench_statsmerging.errors import UserError
 from fusion_bench_statsmerging.learner import StatsMergeLearner
 from fusion_bench_statsmerging.merge import HostLayerWiseEngine
 from fusion_bench_statsmerging.method.statsmerging.clip_statsmerging import LearnerCoefficients, pool_statistics
@@ -160,3 +161,18 @@ def test_engines_and_per_task_backward_train_to_the_same_coefficients(tmp_path, 
 def test_per_task_backward_needs_the_fused_engine(tmp_path, cpu_fabric):
     with pytest.raises(ValueError, match="per_task_backward"):
         make_algorithm(tmp_path, cpu_fabric, merge_engine="host", per_task_backward=True)
+
+
+def test_profile_steps_writes_a_profile_of_the_training_loop(tmp_path, modelpool, cpu_fabric):
+    """method.profile_steps=N profiles N steps after the warm-up: the table on disk, a summary in the report."""
+    from fusion_bench_statsmerging.profiling import WARMUP_STEPS
+
+    algorithm = make_algorithm(tmp_path, cpu_fabric, max_steps=WARMUP_STEPS + 3, profile_steps=2)
+    algorithm.run(modelpool)
+    report = json.loads((tmp_path / "artifacts" / "statsmerging_report.json").read_text())
+    profile = report["profile"]
+    assert profile["profiled_steps"] == 2 and profile["ms_per_step_wall"] > 0
+    table = (tmp_path / "artifacts" / "profile.txt").read_text()
+    assert "Self CPU" in table and "aten::" in table
+    with pytest.raises(UserError, match="profile_steps"):
+        make_algorithm(tmp_path / "bad", cpu_fabric, profile_steps=-1)

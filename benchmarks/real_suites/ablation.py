@@ -38,6 +38,12 @@ CANDIDATES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
                         ("method.max_samples_per_task=null",)),
     "ablation_r_long_feat": ("all unlabeled train images and feature distillation (weight 1) together",
                              ("method.max_samples_per_task=null", "method.feature_weight=1.0")),
+    "ablation_r_long3k": ("all unlabeled train images, 3000 steps (3x), learning rate x0.1 for the last 1000",
+                          ("method.max_samples_per_task=null", "method.max_steps=3000", "method.lr_step_size=2000")),
+    "ablation_r_init03_long3k": ("the 0.3 start and the 3000-step schedule on all train images together",
+                                 ("method.output=sigmoid", "method.init_coefficient=0.3",
+                                  "method.max_samples_per_task=null", "method.max_steps=3000",
+                                  "method.lr_step_size=2000")),
     "ablation_r_csam": ("SAM perturbs the merging coefficients, not the learner's weights (sam_space: coefficients)",
                         ("method.sam_space=coefficients",)),
 }

@@ -33,6 +33,7 @@ from ..distillation import (
     LOSSES, agreement, distillation_loss, feature_loss, get_protocol, load_labels, num_fit_samples, sample_indices,
 )
 from ..merge import HostLayerWiseEngine, check_same_architecture, trainable_names
+from ..profiling import StepProfiler
 from ..sam import SAM, OutputPerturbation
 from ..preflight import check_loaded_model, check_writable
 from ..schedule import Schedule, check_schedule, resolve_schedule
@@ -121,6 +122,25 @@ def take(inputs: Inputs, index) -> Inputs:
     return inputs[index]
 
 
+def tensors_of(inputs) -> List[Tensor]:
+    """The tensors of a tensor or of a (nested) dict of tensors."""
+    if isinstance(inputs, dict):
+        return [t for v in inputs.values() for t in tensors_of(v)]
+    return [inputs] if isinstance(inputs, Tensor) else []
+
+
+def on_devices(index: Tensor, *inputs) -> Dict[torch.device, Tensor]:
+    """``index`` copied once to every device that holds a tensor of ``inputs``."""
+    return {d: index.to(d) for d in {t.device for x in inputs for t in tensors_of(x)}}
+
+
+def take_on(inputs, index: Dict[torch.device, Tensor]):
+    """Rows of a tensor or of every tensor of a (nested) dict, each with the index on its own device."""
+    if isinstance(inputs, dict):
+        return {k: take_on(v, index) for k, v in inputs.items()}
+    return inputs[index[inputs.device]]
+
+
 def num_rows(inputs: Inputs) -> int:
     if isinstance(inputs, dict):
         return len(next(iter(inputs.values())))
@@ -189,6 +209,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         checkpoint_every: int = 100,
         resume: Union[bool, str, None] = False,
         fit_data_on_device: bool = True,
+        profile_steps: int = 0,
         **kwargs,
     ):
         # Validate everything a typo could break now, before any model is loaded.
@@ -217,6 +238,8 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             raise UserError(f"Unknown select_by '{select_by}'; choose one of {list(SELECTIONS)}.")
         if int(checkpoint_every) < 0:
             raise UserError(f"checkpoint_every must be >= 0 (0: only on SIGINT/SIGTERM), got {checkpoint_every}.")
+        if int(profile_steps) < 0:
+            raise UserError(f"profile_steps must be >= 0 (0: no profile), got {profile_steps}.")
         if int(select_every) < 1 or int(select_samples) < 1:
             raise UserError(f"select_every and select_samples must be >= 1, got {select_every} and {select_samples}.")
         if not 0 < data_fraction <= 1:
@@ -381,9 +404,14 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         """Endless per-task shuffled batches, reproducible from the seed. Under DDP every rank draws
         the same global batch and keeps its rows ``rank::world`` (all rows in one process); the
         fit-set rows it kept during its first pass over each task are noted in ``self._first_pass``
-        (a reshuffle starts the next pass, after which every rank sees every row again)."""
+        (a reshuffle starts the next pass, after which every rank sees every row again).
+
+        Each permutation is copied to the data's device once per pass, so drawing a batch of data kept
+        on the GPU copies nothing from the host: a per-step host-to-device index copy would wait for the
+        GPU and stop the host from queueing the next step while the current one runs."""
         gen = torch.Generator().manual_seed(self.seed)
         order = {t: torch.randperm(num_rows(p), generator=gen) for t, p in pixels.items()}
+        placed = {t: on_devices(order[t], pixels[t], targets[t]) for t in pixels}
         pos = {t: 0 for t in pixels}
         mine = distributed.batch_rows(self.fabric)
         self._first_pass = {t: [] for t in pixels}
@@ -393,12 +421,14 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             for t in pixels:
                 if pos[t] + self.batch_size > len(order[t]):
                     order[t], pos[t] = torch.randperm(num_rows(pixels[t]), generator=gen), 0
+                    placed[t] = on_devices(order[t], pixels[t], targets[t])
                     reshuffled.add(t)
-                i = order[t][pos[t] : pos[t] + self.batch_size][mine]
-                pos[t] += self.batch_size
+                rows = slice(pos[t], pos[t] + self.batch_size)
                 if t not in reshuffled:
-                    self._first_pass[t].extend(i.tolist())
-                batch[t] = (take(pixels[t], i), take(targets[t], i))
+                    self._first_pass[t].extend(order[t][rows][mine].tolist())
+                pos[t] += self.batch_size
+                index = {d: o[rows][mine] for d, o in placed[t].items()}
+                batch[t] = (take_on(pixels[t], index), take_on(targets[t], index))
             yield batch
 
     # ------------------------------------------------------------------ training
@@ -490,6 +520,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         for _ in range(start):  # the stream is a function of the seed: replay it to where the run stopped
             next(batches)
         steps = schedule.max_steps
+        profiler = StepProfiler(self.profile_steps, self.out_dir(), self.fabric.device) if self.profile_steps else None
         pbar = tqdm(range(start, steps), f"{self.method_label} ({self._protocol.name})", dynamic_ncols=True,
                     initial=start, total=steps)
         for step in pbar:
@@ -513,6 +544,10 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             distributed.share_stop(getattr(self, "_stop", None), self.fabric)
             checkpoints.after_step(step + 1, steps, getattr(self, "_stop", None), coefficient_module, base_opt,
                                    scheduler, best, history)
+            if profiler is not None:
+                profiler.after_step(step + 1 - start)
+        if profiler is not None and profiler.summary:
+            self._profile = profiler.summary
         if best is not None:
             best.restore(coefficient_module)
             self._selection = best.summary()
@@ -651,6 +686,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             "history": history,
             "seconds": round(seconds, 2),
             "phase_seconds": self.phase_seconds(),
+            **({"profile": self._profile} if getattr(self, "_profile", None) else {}),
             "files": files,
         }
         files["report"] = str(artifacts.save_json(f"{out_dir}/{self.report_name}", report))

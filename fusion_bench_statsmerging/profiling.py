@@ -1,0 +1,73 @@
+"""Where a training step's time goes: ``method.profile_steps=N`` profiles N steps of the loop.
+
+A step of the real loop can take longer than the same merge-forward-backward-update timed alone
+(``benchmarks/merge_speed.py``): the loop also draws batches, logs, selects and checkpoints, and any
+of those that waits for the GPU (a host-device copy, a ``.item()``) stops the host from queueing the
+next step while the current one runs. The profile counts those waits and lists the costliest
+operators, so the overhead is measured, not guessed. It is written to ``<artefact dir>/profile.txt``
+and summarised in the method's JSON report.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+# Host-side calls that block until the device has caught up (each is a pipeline stall).
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+               "cudaMemcpyAsync", "aten::item", "aten::_local_scalar_dense")
+WARMUP_STEPS = 5  # the first steps pay for allocation and kernel selection; profile after them
+
+
+class StepProfiler:
+    """Profiles steps ``[WARMUP_STEPS, WARMUP_STEPS + steps)`` of a loop; call :meth:`after_step` after each."""
+
+    def __init__(self, steps: int, out_dir: str, device: torch.device):
+        self.steps, self.out_dir, self.device = int(steps), Path(out_dir), device
+        self._prof: Optional[profile] = None
+        self._start = 0.0
+        self.summary: Dict[str, object] = {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def after_step(self, step: int) -> None:
+        """``step``: the number of steps finished so far."""
+        if self.steps <= 0:
+            return
+        if step == WARMUP_STEPS and self._prof is None:
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self._sync()
+            self._prof = profile(activities=activities)
+            self._prof.__enter__()
+            self._start = time.perf_counter()
+        elif self._prof is not None and step == WARMUP_STEPS + self.steps:
+            self._sync()
+            seconds = time.perf_counter() - self._start
+            self._prof.__exit__(None, None, None)
+            self._write(seconds)
+            self._prof = None
+
+    def _write(self, seconds: float) -> None:
+        averages = self._prof.key_averages()
+        calls = {e.key: e.count for e in averages if e.key in SYNC_EVENTS}
+        device_attr = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        device_us = sum(getattr(e, device_attr, 0.0) for e in averages) if self.device.type == "cuda" else None
+        self.summary = {
+            "profiled_steps": self.steps,
+            "ms_per_step_wall": round(1e3 * seconds / self.steps, 3),
+            "ms_per_step_device_busy": None if device_us is None else round(device_us / 1e3 / self.steps, 3),
+            "blocking_calls_per_step": {k: round(v / self.steps, 2) for k, v in sorted(calls.items())},
+            "table": "profile.txt",
+        }
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        sort_cpu = averages.table(sort_by="self_cpu_time_total", row_limit=30)
+        text = [f"{self.steps} steps, {self.summary['ms_per_step_wall']} ms per step (wall)", "", sort_cpu]
+        if self.device.type == "cuda":
+            text += ["", averages.table(sort_by="self_cuda_time_total", row_limit=30)]
+        (self.out_dir / "profile.txt").write_text("\n".join(text))
