@@ -186,7 +186,7 @@ def build_task(suite: Path, out: Path, task: str, classnames: List[str], a, devi
     model.save_pretrained(target)
     processor.save_pretrained(target)
     (target / "expert.yaml").write_text(
-        "# Read by fusion_bench_statsmerging.heterogeneous (experts_dir); paths relative to this folder.\n"
+        "# Read by fusion_bench_statsmerging.modelpool.heterogeneous (experts_dir); paths relative to this folder.\n"
         "kind: hf_image_classifier\npath: .\n")
     metrics = {
         "task": task, "architecture": "transformers ResNetForImageClassification (basic blocks)",

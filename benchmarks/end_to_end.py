@@ -67,7 +67,7 @@ def save_pretrained(root: Path, model: str, seed: int) -> "torch.nn.Module":
     """A random CLIP of the chosen size with a byte-level tokenizer and a matching image processor."""
     from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    from fusion_bench_statsmerging.fixtures import write_byte_tokenizer
+    from fusion_bench_statsmerging.fixtures.clip import write_byte_tokenizer
 
     torch.manual_seed(seed)
     clip = CLIPModel(clip_config(model))

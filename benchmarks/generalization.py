@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from fusion_bench_statsmerging import compare
-from fusion_bench_statsmerging.suite import read_suite_tasks
+from fusion_bench_statsmerging.modelpool.clip_suite import read_suite_tasks
 
 SEEN_EXPERTS = "seen experts"
 TRANSFER = "transfer"

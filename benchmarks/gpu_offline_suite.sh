@@ -37,7 +37,7 @@ want compare && (python3 -m fusion_bench_statsmerging.compare --suite "$SUITE" -
 want hetero && (python3 benchmarks/build_hetero_experts.py --suite "$SUITE" --tasks syn_landcover,syn_housenum --device cuda \
    >"$W/hetero_build.log" 2>&1 && \
  python3 -m fusion_bench.scripts.cli method=dummy \
-   method._target_=fusion_bench_statsmerging.heterogeneous.DistillHeterogeneousExperts modelpool=clip_suite_hetero \
+   method._target_=fusion_bench_statsmerging.modelpool.heterogeneous.DistillHeterogeneousExperts modelpool=clip_suite_hetero \
    path.log_dir="$W/hetero_distill" >"$W/hetero_distill.log" 2>&1 && \
  python3 -m fusion_bench_statsmerging.compare --suite "$SUITE" --modelpool clip_suite_hetero --taskpool clip_suite \
    --out "$W/hetero" --jobs 2 --timeout 480 \

@@ -13,7 +13,7 @@ distillation on label-free clean train images). The merged model it returns is t
 evaluated, in the same process, by the ``clip_suite_corrupted`` task pool under every
 condition in turn: ``clean`` and each corruption at ``--severity`` (1..5, ImageNet-C scale),
 on the test split. Corruptions are deterministic per image (see
-``fusion_bench_statsmerging.corruptions``), so every method sees the same corrupted pixels.
+``fusion_bench_statsmerging.taskpool.corruptions``), so every method sees the same corrupted pixels.
 Nothing is adapted to the corrupted images; this differs from the AdaMerging paper's
 robustness experiment, where AdaMerging adapts at test time on the corrupted test images.
 
@@ -40,10 +40,10 @@ from generalization import (  # noqa: E402
 )
 
 from fusion_bench_statsmerging import compare  # noqa: E402
-from fusion_bench_statsmerging.corruptions import (  # noqa: E402
+from fusion_bench_statsmerging.taskpool.corruptions import (  # noqa: E402
     CLEAN, CORRUPTIONS, check_corruption, condition_accuracies,
 )
-from fusion_bench_statsmerging.suite import read_suite_tasks  # noqa: E402
+from fusion_bench_statsmerging.modelpool.clip_suite import read_suite_tasks  # noqa: E402
 
 DEFAULT_METHODS = ["task_arithmetic", "adamerging", "statsmerging"]
 

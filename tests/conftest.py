@@ -19,14 +19,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def suite_dir(tmp_path_factory) -> Path:
-    from fusion_bench_statsmerging.fixtures import build_tiny_clip_suite
+    from fusion_bench_statsmerging.fixtures.clip import build_tiny_clip_suite
 
     return build_tiny_clip_suite(tmp_path_factory.mktemp("tiny_clip_suite"))
 
 
 @pytest.fixture
 def modelpool(suite_dir):
-    from fusion_bench_statsmerging.suite import CLIPSuiteModelPool
+    from fusion_bench_statsmerging.modelpool.clip_suite import CLIPSuiteModelPool
 
     return CLIPSuiteModelPool(suite_dir=str(suite_dir))
 

@@ -13,8 +13,8 @@ from lightning.fabric.loggers import TensorBoardLogger
 import pytest
 import torch
 
-from fusion_bench_statsmerging.heads import PerTaskHeadsModelPool, load_head
-from fusion_bench_statsmerging.heads_fixtures import build_tiny_cnn_suite, build_tiny_text_suite
+from fusion_bench_statsmerging.modelpool.heads import PerTaskHeadsModelPool, load_head
+from fusion_bench_statsmerging.fixtures.heads import build_tiny_cnn_suite, build_tiny_text_suite
 from fusion_bench_statsmerging.method.adamerging_heads import (
     HeadsTaskWiseAdaMerging, heads_adamerging,
 )
@@ -104,7 +104,7 @@ def test_test_split_only_under_its_named_protocol(tmp_path, text_suite, monkeypa
 
 
 def test_refuses_a_pool_without_heads(tmp_path, suite_dir):
-    from fusion_bench_statsmerging.suite import CLIPSuiteModelPool
+    from fusion_bench_statsmerging.modelpool.clip_suite import CLIPSuiteModelPool
 
     algo = algorithm("layer_wise", tmp_path)
     with pytest.raises(PoolError, match="not a per-task-head pool"):

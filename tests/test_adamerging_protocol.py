@@ -8,7 +8,7 @@ from lightning.fabric.loggers import TensorBoardLogger
 from fusion_bench_statsmerging.method.adamerging_protocol import (
     NO_LABEL, CLIPLayerWiseAdaMergingTrainSplit, CLIPTaskWiseAdaMergingTrainSplit, UnlabeledImages,
     clip_adamerging_unlabeled_split)
-from fusion_bench_statsmerging.suite import CLIPSuiteModelPool
+from fusion_bench_statsmerging.modelpool.clip_suite import CLIPSuiteModelPool
 
 
 class TestSplitForbidden(CLIPSuiteModelPool):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, make_algorithm
-from fusion_bench_statsmerging.checkpoint import ResumeError
-from fusion_bench_statsmerging.suite import CLIPSuiteModelPool
+from fusion_bench_statsmerging.engine.checkpoint import ResumeError
+from fusion_bench_statsmerging.modelpool.clip_suite import CLIPSuiteModelPool
 
 SETTINGS = dict(max_steps=8, lr_step_size=3, lr_gamma=0.5, lr=5e-2, checkpoint_every=2)
 
@@ -24,7 +24,7 @@ INTERRUPTED = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     torch.set_num_threads(1)
     from conftest import make_algorithm
-    from fusion_bench_statsmerging.suite import CLIPSuiteModelPool
+    from fusion_bench_statsmerging.modelpool.clip_suite import CLIPSuiteModelPool
     algorithm = make_algorithm(__import__("pathlib").Path({tmp!r}), L.Fabric(accelerator="cpu", devices=1),
                                **json.loads({settings!r}))
     step, real = [0], algorithm._step
@@ -102,7 +102,7 @@ def test_resume_refuses_other_settings(tmp_path, suite_dir, cpu_fabric, single_t
 
 
 def test_sigint_waits_for_the_step_then_stops_as_keyboard_interrupt():
-    from fusion_bench_statsmerging.checkpoint import StopFlag
+    from fusion_bench_statsmerging.engine.checkpoint import StopFlag
 
     before = signal.getsignal(signal.SIGINT)
     with StopFlag() as stop:

@@ -31,10 +31,10 @@ def _write_pool_configs(conf: Path, suite_dir: Path) -> None:
     (conf / "modelpool").mkdir(parents=True)
     (conf / "taskpool").mkdir(parents=True)
     (conf / "modelpool" / f"{POOL}.yaml").write_text(
-        "_target_: fusion_bench_statsmerging.suite.CLIPSuiteModelPool\n_recursive_: false\n"
+        "_target_: fusion_bench_statsmerging.modelpool.clip_suite.CLIPSuiteModelPool\n_recursive_: false\n"
         f"suite_dir: {suite_dir}\n")
     (conf / "taskpool" / f"{POOL}.yaml").write_text(
-        "_target_: fusion_bench_statsmerging.suite.CLIPSuiteTaskPool\n_recursive_: false\n"
+        "_target_: fusion_bench_statsmerging.modelpool.clip_suite.CLIPSuiteTaskPool\n_recursive_: false\n"
         f"suite_dir: {suite_dir}\n"
         "dataloader_kwargs: {batch_size: 128, num_workers: 0, shuffle: false}\n")
 
@@ -137,7 +137,7 @@ def test_compare_runs_statsmerging_with_package_configs(tmp_path, suite_dir):
 def test_compare_on_a_per_task_head_suite(tmp_path):
     """A per-task-head --suite picks the heads pools and rows: individual experts on their own
     task, a host baseline, AdaMerging through the heads hooks and ours, all through the CLI."""
-    from fusion_bench_statsmerging.heads_fixtures import build_tiny_cnn_suite
+    from fusion_bench_statsmerging.fixtures.heads import build_tiny_cnn_suite
 
     suite = build_tiny_cnn_suite(tmp_path / "cnn")
     out = tmp_path / "out"

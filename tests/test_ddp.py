@@ -16,10 +16,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fusion_bench_statsmerging import distributed
-from fusion_bench_statsmerging.checkpoint import StopFlag
-from fusion_bench_statsmerging.distillation import sample_indices
-from fusion_bench_statsmerging.errors import UserError
+from fusion_bench_statsmerging.engine import distributed
+from fusion_bench_statsmerging.engine.checkpoint import StopFlag
+from fusion_bench_statsmerging.engine.distillation import sample_indices
+from fusion_bench_statsmerging.utils.errors import UserError
 
 FUSION_BENCH = str(Path(sys.executable).with_name("fusion_bench"))  # a script: Lightning re-launches it per rank
 FIT_SAMPLES, BATCH = 16, 8  # one pass over the fit set = 2 steps

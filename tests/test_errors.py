@@ -6,9 +6,9 @@ from omegaconf import OmegaConf
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from conftest import make_algorithm
-from fusion_bench_statsmerging.merge import ArchitectureMismatchError, HostLayerWiseEngine
+from fusion_bench_statsmerging.engine.merge import ArchitectureMismatchError, HostLayerWiseEngine
 from fusion_bench_statsmerging.method.base import PoolError
-from fusion_bench_statsmerging.suite import CLIPSuiteModelPool, SuiteError
+from fusion_bench_statsmerging.modelpool.clip_suite import CLIPSuiteModelPool, SuiteError
 
 
 def test_unknown_protocol(tmp_path, cpu_fabric):

@@ -9,13 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from fusion_bench_statsmerging.fixtures import build_tiny_clip_suite
-from fusion_bench_statsmerging.fused import (
-    FusedLayerWiseEngine, enable_activation_checkpointing, grouped_task_vector_stats,
-    krylov_top_eigenvalues, top_gram_eigenvalues,
+from fusion_bench_statsmerging.fixtures.clip import build_tiny_clip_suite
+from fusion_bench_statsmerging.engine.fused import FusedLayerWiseEngine, enable_activation_checkpointing
+from fusion_bench_statsmerging.engine.fused_stats import grouped_task_vector_stats
+from fusion_bench_statsmerging.engine.spectra import krylov_top_eigenvalues, top_gram_eigenvalues
+from fusion_bench_statsmerging.engine.merge import ArchitectureMismatchError, HostLayerWiseEngine
+from fusion_bench_statsmerging.engine.stats import (
+    FEATURES, as_matrix, layer_wise_statistics, top_singular_values,
 )
-from fusion_bench_statsmerging.merge import ArchitectureMismatchError, HostLayerWiseEngine
-from fusion_bench_statsmerging.stats import FEATURES, as_matrix, layer_wise_statistics, top_singular_values
 
 # bf16 task vectors: the merged weights' task-vector part is within this fraction of its fp32
 # value (storage rounding + rounding of the weighted sum, each <= 2^-9 relative)...
@@ -338,7 +339,7 @@ def test_bf16_task_vectors_stay_close_to_fp32(suite):
 @pytest.mark.parametrize("base_dtype", [torch.float32, torch.float16])
 def test_low_precision_weighted_sum_gradient(base_dtype):
     """The custom backward: d/dcoef of base + coef @ tv, computed by one GEMM in the storage dtype."""
-    from fusion_bench_statsmerging.fused import weighted_sum
+    from fusion_bench_statsmerging.engine.fused import weighted_sum
 
     gen = torch.Generator().manual_seed(0)
     tv = torch.randn(3, 4, 50, generator=gen).to(torch.bfloat16)
@@ -359,7 +360,7 @@ def test_bf16_coefficients_are_not_rounded():
     base = torch.zeros(1, 4)
     tv = torch.ones(1, 2, 4, dtype=torch.bfloat16)
     coef = torch.tensor([[[0.3001, 0.0]]])  # not representable in bf16 (0.30078 is the nearest)
-    from fusion_bench_statsmerging.fused import weighted_sum
+    from fusion_bench_statsmerging.engine.fused import weighted_sum
 
     merged = weighted_sum(base, coef, tv)
     assert (merged - 0.3001).abs().max() < 1e-5

@@ -16,12 +16,14 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from fusion_bench_statsmerging.heads import (
-    BatchNormMerger, HeadsBackbone, HeadsSuiteError, PerTaskHeadsModel, PerTaskHeadsModelPool,
-    PerTaskHeadsTaskPool, batchnorm_layers, batchnorm_with_stats, load_head, mixed_batches, reestimate_batchnorm,
+from fusion_bench_statsmerging.engine.batchnorm import (
+    BatchNormMerger, batchnorm_layers, batchnorm_with_stats, mixed_batches, reestimate_batchnorm,
     running_stats,
 )
-from fusion_bench_statsmerging.heads_fixtures import build_tiny_cnn_suite, build_tiny_text_suite
+from fusion_bench_statsmerging.models.heads import HeadsBackbone, PerTaskHeadsModel
+from fusion_bench_statsmerging.modelpool.heads import HeadsSuiteError, PerTaskHeadsModelPool, load_head
+from fusion_bench_statsmerging.taskpool.heads import PerTaskHeadsTaskPool
+from fusion_bench_statsmerging.fixtures.heads import build_tiny_cnn_suite, build_tiny_text_suite
 from fusion_bench_statsmerging.method.base import PoolError
 from fusion_bench_statsmerging.method.statsmerging.heads_statsmerging import (
     HeadsSAMergingAlgorithm, HeadsStatsMergingAlgorithm,
@@ -306,7 +308,7 @@ def test_errors_say_what_to_change(tmp_path, fabric, cnn_suite):
 
 def test_mobilenet_v2_features_has_torchvisions_layout():
     """The pure-PyTorch MobileNetV2 takes torchvision's state dict (classifier dropped) key for key."""
-    from fusion_bench_statsmerging.backbones import MobileNetV2Features
+    from fusion_bench_statsmerging.models.backbones import MobileNetV2Features
 
     net = MobileNetV2Features()
     state = net.state_dict()

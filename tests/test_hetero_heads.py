@@ -1,6 +1,6 @@
 """Distil-then-merge on per-task-head suites: EfficientNet-Lite0 experts in a CNN suite.
 
-The suite is the tiny BatchNorm CNN suite of :mod:`fusion_bench_statsmerging.heads_fixtures`;
+The suite is the tiny BatchNorm CNN suite of :mod:`fusion_bench_statsmerging.fixtures.heads`;
 the expert of ``tiny_colors`` is a small EfficientNet-Lite (random init, fine-tuned a few steps
 on the task, its own preprocessing and image size). The real ImageNet EfficientNet-Lite0 comes
 from the PyPI wheel (tests that need it skip when the registry cannot be reached).
@@ -20,22 +20,24 @@ from torch import nn
 
 from conftest import REPO_ROOT, missing_asset, run_fusion_bench
 
-from fusion_bench_statsmerging import heterogeneous_heads
-from fusion_bench_statsmerging.backbones import EfficientNetLite0Features, efficientnet_lite0_state, tf_same_pad
-from fusion_bench_statsmerging.heads import (
-    HeadsBackbone, PerTaskHeadsModelPool, running_stats, save_backbone, save_head,
+from fusion_bench_statsmerging.modelpool import heterogeneous_heads
+from fusion_bench_statsmerging.models.backbones import (
+    EfficientNetLite0Features, efficientnet_lite0_state, tf_same_pad,
 )
-from fusion_bench_statsmerging.heads_fixtures import build_tiny_cnn_suite
-from fusion_bench_statsmerging.heterogeneous import HeteroPoolError
-from fusion_bench_statsmerging.heterogeneous_heads import HeterogeneousHeadsModelPool
-from fusion_bench_statsmerging.teachers import HeteroExpertError
+from fusion_bench_statsmerging.models.heads import HeadsBackbone
+from fusion_bench_statsmerging.modelpool.heads import PerTaskHeadsModelPool, save_backbone, save_head
+from fusion_bench_statsmerging.engine.batchnorm import running_stats
+from fusion_bench_statsmerging.fixtures.heads import build_tiny_cnn_suite
+from fusion_bench_statsmerging.engine.student_distillation import HeteroPoolError
+from fusion_bench_statsmerging.modelpool.heterogeneous_heads import HeterogeneousHeadsModelPool
+from fusion_bench_statsmerging.models.teachers import HeteroExpertError
 
 TASK = "tiny_colors"
 TINY_EFFICIENTNET = {"setting": [[1, 3, 1, 8, 1], [6, 3, 2, 16, 1], [6, 5, 2, 24, 1]], "stem_channels": 8,
                      "head_channels": 32}
 EXPERT_DESCRIPTION = {
     "format": "per_task_heads/1", "input": "image",
-    "backbone": {"kind": "module", "target": "fusion_bench_statsmerging.backbones:EfficientNetLite0Features",
+    "backbone": {"kind": "module", "target": "fusion_bench_statsmerging.models.backbones:EfficientNetLite0Features",
                  "kwargs": TINY_EFFICIENTNET},
     "preprocessing": {"image_size": 24, "mode": "RGB", "mean": [0.5] * 3, "std": [0.5] * 3},
 }
@@ -63,7 +65,7 @@ def _write_expert(directory: Path, suite: Path, num_classes: int = 4, steps: int
     """A small EfficientNet-Lite + head fine-tuned on the task's train split, in the expert layout."""
     import datasets
 
-    from fusion_bench_statsmerging.heads import ImageProcessor
+    from fusion_bench_statsmerging.models.heads import ImageProcessor
 
     torch.manual_seed(0)
     backbone = HeadsBackbone(EfficientNetLite0Features(**TINY_EFFICIENTNET), "image")
@@ -140,7 +142,7 @@ def test_wheel_weights_load_strictly_and_classify_sample_photos(tmp_path):
     from PIL import Image
 
     from fusion_bench.tasks.clip_classification.imagenet import classnames
-    from fusion_bench_statsmerging.teachers import ImageTransform
+    from fusion_bench_statsmerging.models.teachers import ImageTransform
 
     builder = _builder()
     try:

@@ -22,12 +22,15 @@ from conftest import REPO_ROOT
 from test_cli import _env, _run
 from test_training import LabelTrap  # rows whose label raises when read
 
-from fusion_bench_statsmerging import heterogeneous
-from fusion_bench_statsmerging.heterogeneous import (
-    DistillationSettings, DistillHeterogeneousExperts, HeterogeneousDistillationModelPool, HeteroPoolError,
+from fusion_bench_statsmerging.modelpool import heterogeneous
+from fusion_bench_statsmerging.engine.student_distillation import DistillationSettings, HeteroPoolError
+from fusion_bench_statsmerging.modelpool.heterogeneous import (
+    DistillHeterogeneousExperts, HeterogeneousDistillationModelPool,
 )
-from fusion_bench_statsmerging.suite import read_suite_tasks, register_suite_tasks
-from fusion_bench_statsmerging.teachers import ExpertSpec, HeteroExpertError, ImageTransform, load_teacher
+from fusion_bench_statsmerging.modelpool.clip_suite import read_suite_tasks, register_suite_tasks
+from fusion_bench_statsmerging.models.teachers import (
+    ExpertSpec, HeteroExpertError, ImageTransform, load_teacher,
+)
 
 TINY = {"max_steps": 15, "batch_size": 16, "lr": 1e-3, "warmup_steps": 2, "log_every": 5}
 
@@ -44,7 +47,9 @@ def _clip_teacher_of_another_size(suite_dir: Path, out: Path) -> None:
     the suite's text tower; its vision tower is fine-tuned a few steps on the task with its own head."""
     from transformers import CLIPModel, CLIPProcessor
 
-    from fusion_bench_statsmerging.fixtures import finetune_expert, make_task_split, tiny_clip_config, zero_shot_head
+    from fusion_bench_statsmerging.fixtures.clip import (
+        finetune_expert, make_task_split, tiny_clip_config, zero_shot_head,
+    )
 
     base = CLIPModel.from_pretrained(suite_dir / "pretrained")
     processor = CLIPProcessor.from_pretrained(suite_dir / "pretrained")
@@ -76,7 +81,7 @@ def hetero_experts(suite_dir, tmp_path_factory) -> Path:
 def _pool(suite_dir, experts_dir, cache_dir, **kwargs) -> HeterogeneousDistillationModelPool:
     kwargs.setdefault("distillation", TINY)
     return HeterogeneousDistillationModelPool(
-        base_pool={"_target_": "fusion_bench_statsmerging.suite.CLIPSuiteModelPool", "suite_dir": str(suite_dir)},
+        base_pool={"_target_": "fusion_bench_statsmerging.modelpool.clip_suite.CLIPSuiteModelPool", "suite_dir": str(suite_dir)},
         experts_dir=str(experts_dir) if experts_dir else None, cache_dir=str(cache_dir), **kwargs)
 
 
@@ -239,7 +244,7 @@ def test_ta8_hetero_config_composes_to_the_adapter():
         cfg = compose("fabric_model_fusion", overrides=["method=task_arithmetic",
                                                          "modelpool=clip-vit-base-patch32_TA8_hetero"])
     pool = cfg.modelpool
-    assert pool._target_ == "fusion_bench_statsmerging.heterogeneous.HeterogeneousDistillationModelPool"
+    assert pool._target_ == "fusion_bench_statsmerging.modelpool.heterogeneous.HeterogeneousDistillationModelPool"
     assert pool.models._pretrained_ == "openai/clip-vit-base-patch32" and len(pool.models) == 9
     assert {t: e.path for t, e in pool.experts.items()} == {
         "eurosat": "tanganke/clip-vit-base-patch16_eurosat", "dtd": "tanganke/clip-vit-base-patch16_dtd"}

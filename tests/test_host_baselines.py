@@ -16,7 +16,7 @@ from fusion_bench.method.wudi.wudi import wudi_merging
 
 from conftest import run_fusion_bench
 from fusion_bench_statsmerging import compare
-from fusion_bench_statsmerging.heads_fixtures import TinyConvNet, build_tiny_cnn_suite, build_tiny_text_suite
+from fusion_bench_statsmerging.fixtures.heads import TinyConvNet, build_tiny_cnn_suite, build_tiny_text_suite
 from fusion_bench_statsmerging.method.conv_as_matrix import conv_weight_names, merge_conv_as_matrix
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: extra threads only spin

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fusion_bench_statsmerging.lora_stats import lora_delta, lora_factor_statistics
-from fusion_bench_statsmerging.stats import FEATURES, tensor_statistics
+from fusion_bench_statsmerging.engine.lora_stats import lora_delta, lora_factor_statistics
+from fusion_bench_statsmerging.engine.stats import FEATURES, tensor_statistics
 
 from conftest import run_fusion_bench
 
@@ -19,7 +19,7 @@ RTOL, ATOL = 1e-4, 1e-6
 @pytest.fixture(scope="module")
 def lora_suite(suite_dir, tmp_path_factory):
     """The tiny CLIP suite (linked, not copied) with a trained LoRA adapter per task under ``lora/``."""
-    from fusion_bench_statsmerging.lora_fixtures import build_tiny_lora_experts
+    from fusion_bench_statsmerging.fixtures.lora import build_tiny_lora_experts
 
     root = tmp_path_factory.mktemp("tiny_lora_suite")
     for name in ("pretrained", "data", "tasks.json"):
@@ -35,7 +35,7 @@ def lora_suite(suite_dir, tmp_path_factory):
 
 @pytest.fixture
 def lora_pool(lora_suite):
-    from fusion_bench_statsmerging.lora import CLIPLoRAModelPool
+    from fusion_bench_statsmerging.modelpool.lora import CLIPLoRAModelPool
 
     return CLIPLoRAModelPool(suite_dir=str(lora_suite))
 
@@ -102,7 +102,7 @@ def _transformer_adapter(lora_suite, folder, saved_from="transformer"):
     from peft import get_peft_model
     from transformers import CLIPModel, CLIPVisionModel
 
-    from fusion_bench_statsmerging.lora_fixtures import tiny_lora_config
+    from fusion_bench_statsmerging.fixtures.lora import tiny_lora_config
 
     torch.manual_seed(0)
     if saved_from == "transformer":
@@ -119,7 +119,7 @@ def _transformer_adapter(lora_suite, folder, saved_from="transformer"):
 
 @pytest.mark.parametrize("saved_from", ["transformer", "clip_model"])
 def test_adapters_saved_from_the_bare_transformer_or_the_full_clip_load_too(lora_suite, tmp_path, saved_from):
-    from fusion_bench_statsmerging.lora import CLIPLoRAModelPool
+    from fusion_bench_statsmerging.modelpool.lora import CLIPLoRAModelPool
 
     folder = _transformer_adapter(lora_suite, tmp_path / "lora", saved_from)
     pool = CLIPLoRAModelPool(suite_dir=str(lora_suite), adapters={"tiny_colors": str(folder)})
@@ -135,8 +135,8 @@ def test_adapters_saved_from_the_bare_transformer_or_the_full_clip_load_too(lora
 def test_adapter_tensors_that_do_not_load_are_an_error(lora_suite, tmp_path):
     from safetensors.torch import save_file
 
-    from fusion_bench_statsmerging.lora import CLIPLoRAModelPool
-    from fusion_bench_statsmerging.suite import SuiteError
+    from fusion_bench_statsmerging.modelpool.lora import CLIPLoRAModelPool
+    from fusion_bench_statsmerging.modelpool.clip_suite import SuiteError
 
     folder = _transformer_adapter(lora_suite, tmp_path / "renamed_lora")
     tensors = load_file(str(folder / "adapter_model.safetensors"))
@@ -159,15 +159,15 @@ def test_pool_factor_statistics_equal_dense_task_vector_statistics(lora_pool):
 
 
 def test_missing_adapter_is_named(lora_suite):
-    from fusion_bench_statsmerging.lora import CLIPLoRAModelPool
-    from fusion_bench_statsmerging.suite import SuiteError
+    from fusion_bench_statsmerging.modelpool.lora import CLIPLoRAModelPool
+    from fusion_bench_statsmerging.modelpool.clip_suite import SuiteError
 
     with pytest.raises(SuiteError, match="adapters_elsewhere/tiny_colors/adapter_config.json"):
         CLIPLoRAModelPool(suite_dir=str(lora_suite), lora_dir="adapters_elsewhere")
 
 
 def test_adapters_point_a_task_at_another_folder(lora_pool, lora_suite):
-    from fusion_bench_statsmerging.lora import CLIPLoRAModelPool
+    from fusion_bench_statsmerging.modelpool.lora import CLIPLoRAModelPool
 
     swapped = CLIPLoRAModelPool(suite_dir=str(lora_suite), adapters={"tiny_colors": str(lora_suite / "lora" / "tiny_stripes")})
     ours, theirs = swapped.load_model("tiny_colors").state_dict(), lora_pool.load_model("tiny_stripes").state_dict()

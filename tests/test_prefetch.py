@@ -10,9 +10,9 @@ from omegaconf import OmegaConf
 
 from conftest import make_algorithm
 from fusion_bench.modelpool import CLIPVisionModelPool
-from fusion_bench_statsmerging import prefetch
+from fusion_bench_statsmerging.utils import prefetch
 from fusion_bench_statsmerging.method.base import PoolError
-from fusion_bench_statsmerging.prefetch import Need
+from fusion_bench_statsmerging.utils.prefetch import Need
 
 TA8 = ["modelpool=clip-vit-base-patch32_TA8", "taskpool=clip-vit-classification_TA8"]
 
@@ -73,7 +73,7 @@ def test_check_reads_the_caches_as_an_offline_run_would(tmp_path, monkeypatch, c
 def test_cli_offline_lists_what_is_missing(tmp_path):
     env = {"HF_HOME": str(tmp_path / "empty_hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-m", "fusion_bench_statsmerging.prefetch", *TA8], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "fusion_bench_statsmerging.utils.prefetch", *TA8], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert "hub not reachable" in proc.stdout and "MISSING  model tanganke/clip-vit-base-patch32_sun397" in proc.stdout

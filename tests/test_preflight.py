@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from conftest import make_algorithm
 from fusion_bench.modelpool import CLIPVisionModelPool
 from fusion_bench_statsmerging import compare
-from fusion_bench_statsmerging.preflight import PreflightError, check_writable
-from fusion_bench_statsmerging.suite import CLIPSuiteModelPool, CLIPSuiteTaskPool
+from fusion_bench_statsmerging.utils.preflight import PreflightError, check_writable
+from fusion_bench_statsmerging.modelpool.clip_suite import CLIPSuiteModelPool, CLIPSuiteTaskPool
 
 DROPPED = "vision_model.post_layernorm.weight"
 

@@ -16,9 +16,9 @@ import lightning as L
 import pytest
 import torch
 
-from fusion_bench_statsmerging.heads import (
-    HeadsBackbone, PerTaskHeadsModel, PerTaskHeadsModelPool, PerTaskHeadsTaskPool,
-)
+from fusion_bench_statsmerging.models.heads import HeadsBackbone, PerTaskHeadsModel
+from fusion_bench_statsmerging.modelpool.heads import PerTaskHeadsModelPool
+from fusion_bench_statsmerging.taskpool.heads import PerTaskHeadsTaskPool
 
 from conftest import REPO_ROOT, missing_asset, run_fusion_bench
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fusion_bench_statsmerging.heads import PerTaskHeadsModelPool
+from fusion_bench_statsmerging.modelpool.heads import PerTaskHeadsModelPool
 
 from conftest import REPO_ROOT, missing_asset
 

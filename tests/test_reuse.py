@@ -9,11 +9,11 @@ import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from conftest import REPO_ROOT, make_algorithm
-from fusion_bench_statsmerging.fixtures import tiny_clip_config
-from fusion_bench_statsmerging.learner import relative_depth
-from fusion_bench_statsmerging.merge import HostLayerWiseEngine
-from fusion_bench_statsmerging.reuse import FORMAT_VERSION, LearnerFileError, load_learner
-from fusion_bench_statsmerging.suite import CLIPSuiteModelPool
+from fusion_bench_statsmerging.fixtures.clip import tiny_clip_config
+from fusion_bench_statsmerging.engine.learner import relative_depth
+from fusion_bench_statsmerging.engine.merge import HostLayerWiseEngine
+from fusion_bench_statsmerging.engine.reuse import FORMAT_VERSION, LearnerFileError, load_learner
+from fusion_bench_statsmerging.modelpool.clip_suite import CLIPSuiteModelPool
 
 REUSE = dict(mode=None, features=None, rank=None)  # as config/method/statsmerging_reuse.yaml leaves them
 

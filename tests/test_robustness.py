@@ -13,7 +13,7 @@ from PIL import Image
 from transformers import CLIPVisionModel
 
 from conftest import REPO_ROOT
-from fusion_bench_statsmerging.corruptions import (
+from fusion_bench_statsmerging.taskpool.corruptions import (
     CLEAN, CORRUPTIONS, CLIPSuiteCorruptedTaskPool, CorruptedImageDataset, corrupt_image,
 )
 

@@ -18,11 +18,11 @@ from transformers import CLIPVisionModel
 from conftest import REPO_ROOT
 from test_cli import _env, _run
 from test_training import LabelTrap
-from fusion_bench_statsmerging.distillation import distillation_loss
+from fusion_bench_statsmerging.engine.distillation import distillation_loss
 from fusion_bench_statsmerging.method.base import build_engine
 from fusion_bench_statsmerging.method.samerging import CLIPSAMergingAlgorithm, FreeCoefficients
-from fusion_bench_statsmerging.sam import SAM, OutputPerturbation, perturbation
-from fusion_bench_statsmerging.suite import CLIPSuiteModelPool
+from fusion_bench_statsmerging.engine.sam import SAM, OutputPerturbation, perturbation
+from fusion_bench_statsmerging.modelpool.clip_suite import CLIPSuiteModelPool
 
 RHO = 0.07
 IMAGES_PER_TASK = 4

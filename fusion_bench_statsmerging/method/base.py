@@ -26,18 +26,20 @@ from tqdm.auto import tqdm
 from fusion_bench import BaseAlgorithm, auto_register_config
 from fusion_bench.mixins import SimpleProfilerMixin
 
-from .. import artifacts, distributed
-from ..checkpoint import CHECKPOINT_NAME, Checkpointer, StopFlag, resolve_resume
-from ..errors import UserError
-from ..distillation import (
-    LOSSES, agreement, distillation_loss, feature_loss, get_protocol, load_labels, num_fit_samples, sample_indices,
+from ..utils import artifacts
+from ..engine import distributed
+from ..engine.checkpoint import CHECKPOINT_NAME, Checkpointer, StopFlag, resolve_resume
+from ..utils.errors import UserError
+from ..engine.distillation import (
+    LOSSES, agreement, distillation_loss, feature_loss, get_protocol, load_labels, num_fit_samples,
+    sample_indices,
 )
-from ..merge import HostLayerWiseEngine, check_same_architecture, trainable_names
-from ..profiling import StepProfiler
-from ..sam import SAM, OutputPerturbation
-from ..preflight import check_loaded_model, check_writable
-from ..schedule import Schedule, check_schedule, resolve_schedule
-from ..selection import SELECTIONS, BestState
+from ..engine.merge import HostLayerWiseEngine, check_same_architecture, trainable_names
+from ..engine.profiling import StepProfiler
+from ..engine.sam import SAM, OutputPerturbation
+from ..utils.preflight import check_loaded_model, check_writable
+from ..engine.schedule import Schedule, check_schedule, resolve_schedule
+from ..engine.selection import SELECTIONS, BestState
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +81,7 @@ def hydra_choice(group: str) -> str:
 def check_hub_files(modelpool, program) -> None:
     """Offline with hub files missing: one error naming them and ``statsmerging-prefetch``, in seconds,
     instead of a long retry loop ending in a ConnectionError. Local pools need nothing and cost nothing."""
-    from ..prefetch import command_for, needs_of_pools, offline_problem
+    from ..utils.prefetch import command_for, needs_of_pools, offline_problem
 
     needs = needs_of_pools(modelpool, getattr(program, "_taskpool", None))
     if not needs:
@@ -157,7 +159,7 @@ def build_engine(name: str, pretrained: nn.Module, experts: List[nn.Module], **k
         kwargs.pop("task_vector_dtype", None)
         return HostLayerWiseEngine(pretrained, experts, **kwargs)
     if name == "fused":
-        from ..fused import FusedLayerWiseEngine
+        from ..engine.fused import FusedLayerWiseEngine
 
         return FusedLayerWiseEngine(pretrained, experts, **kwargs)
     raise UserError(f"Unknown merge_engine '{name}'; choose one of {list(ENGINES)}.")
@@ -601,7 +603,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             del experts
             engine = self.fabric.to_device(engine)
             if self.activation_checkpointing:
-                from ..fused import enable_activation_checkpointing
+                from ..engine.fused import enable_activation_checkpointing
 
                 enable_activation_checkpointing(engine, float(self.activation_checkpointing))
         with self.profile("coefficient module"):

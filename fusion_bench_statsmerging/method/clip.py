@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from fusion_bench import auto_register_config
 from fusion_bench.mixins import CLIPClassificationMixin
 
-from ..distillation import load_pixels, teacher_logits
+from ..engine.distillation import load_pixels, teacher_logits
 from .base import CoefficientDistillation, Inputs
 
 TEACHER_BATCH = 64

@@ -1,11 +1,11 @@
 """The per-task-head family of the coefficient-distillation trainer (CNNs, BERT-style encoders).
 
-The pool is a :class:`~fusion_bench_statsmerging.heads.PerTaskHeadsModelPool` (or any pool
+The pool is a :class:`~fusion_bench_statsmerging.modelpool.heads.PerTaskHeadsModelPool` (or any pool
 with ``load_head(task)``, ``load_processor()`` and ``input_column``). Task vectors cover the
 backbone only; each task's own head is loaded frozen and scores that task's slice of one
 forward of all tasks' inputs through the merged backbone. Fit inputs are read from the
 ``image``/``text`` column only. The merged result is a
-:class:`~fusion_bench_statsmerging.heads.PerTaskHeadsModel` (merged backbone + the heads).
+:class:`~fusion_bench_statsmerging.models.heads.PerTaskHeadsModel` (merged backbone + the heads).
 
 BatchNorm (``batchnorm``), what the running statistics of the merged backbone are, during
 coefficient training and in the result:
@@ -39,12 +39,15 @@ from torch import Tensor, nn
 from fusion_bench import auto_register_config
 from fusion_bench.mixins import LightningFabricMixin
 
-from .. import artifacts, distributed
-from ..errors import UserError
-from ..heads import (
-    BatchNormMerger, PerTaskHeadsModel, batch_statistics, batchnorm_with_stats, batchnorm_layers, concat_inputs, inputs_to,
-    mixed_batches, read_inputs, reestimate_batchnorm, running_stats, save_backbone, save_head,
+from ..utils import artifacts
+from ..engine import distributed
+from ..utils.errors import UserError
+from ..engine.batchnorm import (
+    BatchNormMerger, batch_statistics, batchnorm_with_stats, batchnorm_layers, mixed_batches,
+    reestimate_batchnorm, running_stats,
 )
+from ..models.heads import PerTaskHeadsModel, concat_inputs, inputs_to, read_inputs
+from ..modelpool.heads import save_backbone, save_head
 from .base import CoefficientDistillation, Inputs, PoolError, num_rows, take
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 SAMerging learns the merging coefficients themselves (no learner): a free (K, L) parameter
 layer-wise, or (K,) task-wise, expanded over the layers. It is fitted by KL distillation
 from each expert's cached logits at temperature T, with Sharpness-Aware Minimization around
-Adam. The SAM step lives in :mod:`fusion_bench_statsmerging.sam` and is shared with
+Adam. The SAM step lives in :mod:`fusion_bench_statsmerging.engine.sam` and is shared with
 StatsMerging (``optimizer: sam``); its closure re-merges the model at the perturbed
 coefficients, which the published SAMerging code did not do.
 

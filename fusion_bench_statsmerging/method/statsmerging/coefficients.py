@@ -6,7 +6,7 @@ to the StatsMergeLearner; its outputs are the merging coefficients. The
 model family's trainer (``CLIPCoefficientDistillation`` for CLIP, others alike).
 
 Learner reuse (experimental): with ``learner_path`` the learner of an earlier run is loaded
-instead of a fresh one (see :mod:`fusion_bench_statsmerging.reuse`); with ``max_steps: 0``
+instead of a fresh one (see :mod:`fusion_bench_statsmerging.engine.reuse`); with ``max_steps: 0``
 it only predicts coefficients for the new pool and no image is read, with ``max_steps > 0``
 it is fine-tuned from there as usual.
 """
@@ -19,16 +19,16 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ... import artifacts
-from ...learner import StatsMergeLearner, relative_depth
-from ...reuse import (
+from ...utils import artifacts
+from ...engine.learner import StatsMergeLearner, relative_depth
+from ...engine.reuse import (
     LEARNER_OPTIONS, NORMALIZERS, SavedLearner, depth_mapping, learner_payload, load_learner, normalizer_for,
     resolve_options,
 )
-from ...stats import (
+from ...engine.stats import (
     FeatureNormalizer, layer_wise_statistics, num_features, task_wise_statistics, validate_features,
 )
-from ...distillation import Protocol, get_protocol
+from ...engine.distillation import Protocol, get_protocol
 from ..base import PoolError
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """StatsMerging, StatsMerging++ and SAMerging for shared-backbone pools with one head per task.
 
-Example (a suite in the layout of :mod:`fusion_bench_statsmerging.heads`)::
+Example (a suite in the layout of :mod:`fusion_bench_statsmerging.modelpool.heads`)::
 
     fusion_bench method=statsmerging_heads modelpool=heads_suite taskpool=heads_suite \\
         modelpool.suite_dir=DIR taskpool.suite_dir=DIR

@@ -12,7 +12,7 @@ Every engine offers the same small interface, so the algorithms never care which
 
 :class:`HostLayerWiseEngine` is the reference: it wraps the host's ``LayerWiseMergedModel``
 (whose merge is a Python loop over tensors and experts). The fused engine
-(:mod:`fusion_bench_statsmerging.fused`) gives the same results much faster.
+(:mod:`fusion_bench_statsmerging.engine.fused`) gives the same results much faster.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from fusion_bench.models.wrappers.layer_wise_fusion import LayerWiseMergedModel
 
-from .errors import UserError
-from .preflight import check_finite_model
+from ..utils.errors import UserError
+from ..utils.preflight import check_finite_model
 
 
 class ArchitectureMismatchError(UserError):

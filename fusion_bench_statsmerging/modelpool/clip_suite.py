@@ -21,8 +21,8 @@ from fusion_bench.modelpool import CLIPVisionModelPool
 from fusion_bench.taskpool import CLIPVisionModelTaskPool
 from fusion_bench.tasks.clip_classification import CLIPTemplateFactory
 
-from .errors import UserError
-from .preflight import check_loaded_model, check_splits
+from ..utils.errors import UserError
+from ..utils.preflight import check_loaded_model, check_splits
 
 
 class SuiteError(UserError):
@@ -39,7 +39,7 @@ def read_suite_tasks(suite_dir: str | os.PathLike) -> Dict[str, dict]:
     if not path.is_file():
         raise SuiteError(
             f"No suite at '{suite_dir}': '{path}' is missing. Build one (e.g. "
-            "`python -m fusion_bench_statsmerging.demo --build-only --out DIR`, then use DIR/suite) or "
+            "`python -m fusion_bench_statsmerging.fixtures.demo --build-only --out DIR`, then use DIR/suite) or "
             "point `suite_dir` / $STATSMERGING_SUITE_DIR at it."
         )
     return json.loads(path.read_text())

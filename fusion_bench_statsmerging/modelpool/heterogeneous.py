@@ -50,11 +50,11 @@ from tqdm.auto import tqdm
 from fusion_bench import BaseAlgorithm
 from fusion_bench.modelpool import CLIPVisionModelPool
 
-from .errors import UserError
-from .distillation import (
+from ..utils.errors import UserError
+from ..engine.distillation import (
     _image_of, agreement, distillation_loss, image_only_view, num_fit_samples, sample_indices,
 )
-from .teachers import (
+from ..models.teachers import (
     CLIPZeroShotClassifier, ExpertSpec, HeteroExpertError, Teacher, check_teacher_outputs,
     clip_zero_shot_head, load_teacher, rendered_templates, same_architecture, source_fingerprint,
     task_classes,
@@ -406,7 +406,7 @@ class HeterogeneousDistillationModelPool(DistilledExpertsMixin, CLIPVisionModelP
 
     Args:
         models: the host's ``models`` mapping; an entry with a ``kind`` is an expert of another
-            architecture (see :mod:`fusion_bench_statsmerging.teachers`).
+            architecture (see :mod:`fusion_bench_statsmerging.models.teachers`).
         base_pool: optional config (or instance) of another pool to wrap: its models, datasets
             and processor are taken, then ``models`` / ``experts_dir`` / ``experts`` override them.
         experts_dir: optional folder of ``<task>/`` experts (each with an ``expert.yaml``, or a
@@ -580,7 +580,7 @@ class DistillHeterogeneousExperts(BaseAlgorithm):
     """Distil (or load from the cache) every other-architecture expert of the pool, then return the
     pretrained model. Run it once before a comparison so no method's time includes distillation::
 
-        fusion_bench method=dummy method._target_=fusion_bench_statsmerging.heterogeneous.DistillHeterogeneousExperts \\
+        fusion_bench method=dummy method._target_=fusion_bench_statsmerging.modelpool.heterogeneous.DistillHeterogeneousExperts \\
             modelpool=clip_suite_hetero
     """
 

@@ -40,7 +40,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 from torch import Tensor
 
-from .errors import UserError
+from ..utils.errors import UserError
 from .learner import StatsMergeLearner
 from .stats import FeatureNormalizer, num_features, validate_features
 

@@ -254,8 +254,8 @@ def suite_family(suite: Optional[Path], modelpool: str) -> str:
 
 SUITE_BUILDERS = {
     "clip": ("STATSMERGING_SUITE_DIR", "tasks.json",
-             "python -m fusion_bench_statsmerging.demo --build-only --out DIR (then DIR/suite)"),
-    "heads": ("STATSMERGING_HEADS_SUITE_DIR", "suite.json", "python -m fusion_bench_statsmerging.heads_fixtures DIR"),
+             "python -m fusion_bench_statsmerging.fixtures.demo --build-only --out DIR (then DIR/suite)"),
+    "heads": ("STATSMERGING_HEADS_SUITE_DIR", "suite.json", "python -m fusion_bench_statsmerging.fixtures.heads DIR"),
 }
 
 

@@ -25,8 +25,8 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import numpy as np
 import torch
 
-from . import artifacts
-from .errors import UserError
+from ..utils import artifacts
+from ..utils.errors import UserError
 
 log = logging.getLogger(__name__)
 

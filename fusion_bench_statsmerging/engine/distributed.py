@@ -17,7 +17,7 @@ from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .errors import UserError
+from ..utils.errors import UserError
 
 
 def world_size(fabric) -> int:

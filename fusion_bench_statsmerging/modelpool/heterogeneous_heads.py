@@ -1,6 +1,6 @@
 """Distil-then-merge on per-task-head suites: experts of another backbone architecture.
 
-:class:`HeterogeneousHeadsModelPool` is a :class:`~fusion_bench_statsmerging.heads.PerTaskHeadsModelPool`
+:class:`HeterogeneousHeadsModelPool` is a :class:`~fusion_bench_statsmerging.modelpool.heads.PerTaskHeadsModelPool`
 in which some tasks' experts have another architecture (an EfficientNet expert in a MobileNetV2
 suite, say). Each such expert is the teacher of a **student = the suite's pretrained backbone +
 a fresh linear head** for its task, trained on unlabeled images of the task (train split; no
@@ -42,16 +42,17 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .distillation import _image_of, image_only_view
+from ..engine.distillation import _image_of, image_only_view
 from .heads import (
-    FORMAT, HEAD_FILE, HeadsBackbone, HeadsSuite, ImageProcessor, PerTaskHeadsModelPool,
-    build_backbone, check_description, load_head, save_expert,
+    FORMAT, HEAD_FILE, HeadsSuite, PerTaskHeadsModelPool, build_backbone, check_description, load_head,
+    save_expert,
 )
-from .heterogeneous import (
-    DistillationSettings, DistilledExpertsMixin, HeteroPoolError, _as_plain, _safe, cache_key, distill_student,
-    expert_subdirs,
+from ..models.heads import HeadsBackbone, ImageProcessor
+from ..engine.student_distillation import DistillationSettings, HeteroPoolError, distill_student
+from .heterogeneous import DistilledExpertsMixin, _as_plain, _safe, cache_key, expert_subdirs
+from ..models.teachers import (
+    HeteroExpertError, Teacher, _check_head, check_teacher_outputs, source_fingerprint,
 )
-from .teachers import HeteroExpertError, Teacher, _check_head, check_teacher_outputs, source_fingerprint
 
 __all__ = ["HeterogeneousHeadsModelPool", "HeadsExpert", "HeadsClassifier", "load_heads_teacher"]
 
@@ -172,7 +173,7 @@ class HeterogeneousHeadsModelPool(DistilledExpertsMixin, PerTaskHeadsModelPool):
         suite_dir, tasks: as for :class:`PerTaskHeadsModelPool`.
         experts: ``{task: directory or {path, backbone, preprocessing, input}}`` replacing experts.
         experts_dir: optional folder of ``<task>/`` expert directories with an ``expert.json``.
-        distillation: :class:`~fusion_bench_statsmerging.heterogeneous.DistillationSettings` fields.
+        distillation: :class:`~fusion_bench_statsmerging.engine.student_distillation.DistillationSettings` fields.
         cache_dir: where students are cached (default ``~/.cache/fusion_bench_statsmerging/hetero_students``).
     """
 

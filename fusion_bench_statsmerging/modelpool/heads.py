@@ -65,8 +65,8 @@ from torch import Tensor, nn
 from fusion_bench import BaseModelPool, BaseTaskPool, auto_register_config
 from fusion_bench.mixins import LightningFabricMixin
 
-from .preflight import check_loaded_model
-from .suite import SuiteError, _select
+from ..utils.preflight import check_loaded_model
+from .clip_suite import SuiteError, _select
 
 log = logging.getLogger(__name__)
 
@@ -354,8 +354,8 @@ class HeadsSuite:
         if not spec_path.is_file() or not tasks_path.is_file():
             raise HeadsSuiteError(
                 f"No per-task-head suite at '{root}': suite.json and tasks.json are needed "
-                "(see fusion_bench_statsmerging.heads for the layout; build the tiny one with "
-                "`python -m fusion_bench_statsmerging.heads_fixtures DIR`)."
+                "(see fusion_bench_statsmerging.modelpool.heads for the layout; build the tiny one with "
+                "`python -m fusion_bench_statsmerging.fixtures.heads DIR`)."
             )
         self.spec: Dict[str, Any] = json.loads(spec_path.read_text())
         self.tasks: Dict[str, dict] = json.loads(tasks_path.read_text())
@@ -718,7 +718,7 @@ class PerTaskHeadsTaskPool(LightningFabricMixin, BaseTaskPool):
         return scores
 
     def _reestimate(self, backbone: HeadsBackbone, processor, column: str, device) -> int:
-        from .distillation import sample_indices
+        from ..engine.distillation import sample_indices
 
         inputs = {}
         for i, task in enumerate(self.tasks):

@@ -36,7 +36,7 @@ from omegaconf import ListConfig, OmegaConf
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .suite import CLIPSuiteTaskPool, SuiteError
+from ..modelpool.clip_suite import CLIPSuiteTaskPool, SuiteError
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ fresh copy of the pretrained model (``merge_and_unload``) when an expert is load
 on it unchanged, and the merged model is a plain dense ``CLIPVisionModel``.
 
 The factors stay available (:meth:`CLIPLoRAModelPool.lora_factors`), so the task vectors'
-statistics can be read from them without forming s * B @ A (:mod:`.lora_stats`).
+statistics can be read from them without forming s * B @ A (:mod:`..engine.lora_stats`).
 
 Suite layout: the one :class:`CLIPSuiteModelPool` reads (``pretrained/``, ``tasks.json``,
 ``data/``) plus ``lora/<task>/`` (``adapter_config.json`` + ``adapter_model.safetensors``);
@@ -24,9 +24,9 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .lora_stats import lora_delta, lora_factor_statistics
-from .preflight import check_loaded_model
-from .suite import CLIPSuiteModelPool, SuiteError, _select, read_suite_tasks
+from ..engine.lora_stats import lora_delta, lora_factor_statistics
+from ..utils.preflight import check_loaded_model
+from .clip_suite import CLIPSuiteModelPool, SuiteError, _select, read_suite_tasks
 
 LORA_DIR = "lora"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -149,7 +149,7 @@ def adapter_dirs(suite: Path, tasks: Sequence[str], lora_dir: str,
             raise SuiteError(
                 f"No LoRA adapter for task '{task}': '{local / ADAPTER_CONFIG}' is missing. Save one there with "
                 "peft's `save_pretrained`, point `adapters.{task}` at it, or build the tiny ones with "
-                "`fusion_bench_statsmerging.lora_fixtures.build_tiny_lora_experts(SUITE)`.")
+                "`fusion_bench_statsmerging.fixtures.lora.build_tiny_lora_experts(SUITE)`.")
     return found
 
 

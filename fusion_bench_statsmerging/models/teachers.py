@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .errors import UserError
+from ..utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
