@@ -40,99 +40,41 @@ backbones unchanged; :class:`PerTaskHeadsTaskPool` puts each task's head on what
 backbone it is given. A merged model may also carry its heads (:class:`PerTaskHeadsModel`,
 what this plugin's methods return).
 
-BatchNorm. Running statistics are buffers, not task-vector parameters, so a merge must
-decide what they become: :func:`merged_running_stats` combines them with the same per-layer
-coefficients as the weights, :func:`reestimate_batchnorm` recomputes them on unlabeled
-images through the merged backbone.
+The models and their input preprocessing are in :mod:`fusion_bench_statsmerging.models.heads`,
+BatchNorm under merging in :mod:`fusion_bench_statsmerging.engine.batchnorm` and the task pool in
+:mod:`fusion_bench_statsmerging.taskpool.heads`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
-import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-import numpy as np
-import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor, nn
+from torch import nn
 
-from fusion_bench import BaseModelPool, BaseTaskPool, auto_register_config
-from fusion_bench.mixins import LightningFabricMixin
+from fusion_bench import BaseModelPool
 
+from ..models.heads import INPUT_KINDS, HeadsBackbone, ImageProcessor, PerTaskHeadsModel, TextProcessor
 from ..utils.preflight import check_loaded_model
 from .clip_suite import SuiteError, _select
 
-log = logging.getLogger(__name__)
-
 FORMAT = "per_task_heads/1"
-INPUT_KINDS = ("image", "text")
 BACKBONE_KINDS = ("torchvision", "timm", "transformers", "module")
 POOLINGS = ("cls", "pooler", "mean")
 WEIGHTS_FILE = "model.safetensors"
 HEAD_FILE = "head.safetensors"
-
-Inputs = Union[Tensor, Dict[str, Tensor]]
 
 
 class HeadsSuiteError(SuiteError):
     """A per-task-head suite that cannot be used, with what is wrong."""
 
 
-# --------------------------------------------------------------------------- models
-class HeadsBackbone(nn.Module):
-    """A backbone without head: preprocessed inputs -> features (N, D).
 
-    ``model`` is the wrapped network: without ``pooling`` (torchvision, timm, own modules) it
-    maps images to features itself; with ``pooling`` it is a transformers model (token ids,
-    or ``pixel_values`` for vision models) whose output is pooled (``cls``: first token,
-    ``pooler``: its pooler output, ``mean``: mean over tokens/positions). Task vectors and
-    the host's baselines see its parameters under the ``model.`` prefix.
-    """
-
-    def __init__(self, model: nn.Module, input_kind: str = "image", pooling: Optional[str] = None):
-        super().__init__()
-        if input_kind not in INPUT_KINDS:
-            raise ValueError(f"input_kind must be one of {INPUT_KINDS}, got {input_kind!r}.")
-        self.model = model
-        self.input_kind = input_kind
-        self.pooling = pooling
-
-    def forward(self, inputs: Inputs) -> Tensor:
-        if self.pooling is None:  # torchvision / timm / own modules: images -> features
-            return self.model(inputs)
-        if self.input_kind == "image":  # a transformers vision model (ViT, ResNet, ConvNeXt, ...)
-            out = self.model(pixel_values=inputs)
-        else:
-            out = self.model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
-        if self.pooling == "pooler":
-            return out.pooler_output.flatten(1)
-        hidden = out.last_hidden_state
-        if self.pooling == "mean":
-            if self.input_kind == "image" or "attention_mask" not in inputs:
-                return hidden.flatten(2).mean(-1) if hidden.dim() == 4 else hidden.mean(1)
-            mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-        return hidden[:, 0]
-
-
-class PerTaskHeadsModel(nn.Module):
-    """A (merged) backbone with the frozen head of every task: ``forward(inputs, task)`` gives logits."""
-
-    def __init__(self, backbone: HeadsBackbone, heads: Mapping[str, nn.Module]):
-        super().__init__()
-        self.backbone = backbone
-        self.heads = nn.ModuleDict(dict(heads)).requires_grad_(False)
-
-    def forward(self, inputs: Inputs, task: str) -> Tensor:
-        return self.heads[task](self.backbone(inputs))
-
-
+# --------------------------------------------------------------------------- suite files
 def _import(target: str):
     module, _, attr = target.partition(":")
     if not attr:
@@ -249,87 +191,6 @@ def save_expert(backbone: HeadsBackbone, head: nn.Linear, directory: str | os.Pa
     save_backbone(backbone, directory)
     save_head(head, Path(directory) / HEAD_FILE)
     return Path(directory)
-
-
-# --------------------------------------------------------------------------- preprocessing
-class ImageProcessor:
-    """PIL images -> normalised (N, C, H, W) float tensor (resize, mode, mean/std), no torchvision."""
-
-    def __init__(self, image_size: Union[int, Sequence[int]] = 224, mode: str = "RGB",
-                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
-        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        self.size = (int(size[0]), int(size[1]))  # (H, W)
-        self.mode = mode
-        channels = 1 if mode == "L" else 3
-        self.mean = torch.tensor(mean if mean is not None else [0.0] * channels).view(-1, 1, 1)
-        self.std = torch.tensor(std if std is not None else [1.0] * channels).view(-1, 1, 1)
-
-    def __call__(self, images: Sequence[Any]) -> Tensor:
-        from PIL import Image
-
-        out = []
-        for im in images:
-            if not isinstance(im, Image.Image):
-                im = Image.fromarray(np.asarray(im))
-            im = im.convert(self.mode)
-            if im.size != (self.size[1], self.size[0]):
-                im = im.resize((self.size[1], self.size[0]), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.float32) / 255.0
-            if arr.ndim == 2:
-                arr = arr[..., None]
-            out.append(torch.from_numpy(arr.transpose(2, 0, 1).copy()))
-        return (torch.stack(out) - self.mean) / self.std
-
-
-class TextProcessor:
-    """Strings -> {"input_ids", "attention_mask"} padded to ``max_length`` (so tasks concatenate)."""
-
-    def __init__(self, tokenizer, max_length: int = 128):
-        self.tokenizer = tokenizer
-        self.max_length = int(max_length)
-
-    def __call__(self, texts: Sequence[str]) -> Dict[str, Tensor]:
-        enc = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-
-def concat_inputs(parts: Sequence[Inputs]) -> Inputs:
-    if isinstance(parts[0], dict):
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    return torch.cat(list(parts))
-
-
-def inputs_to(inputs: Inputs, device, float_dtype: torch.dtype = torch.float32) -> Inputs:
-    """Move inputs to ``device``; image tensors (stored compactly) become ``float_dtype``."""
-    if isinstance(inputs, dict):
-        return {k: v.to(device) for k, v in inputs.items()}
-    return inputs.to(device=device, dtype=float_dtype)
-
-
-def column_only_view(dataset, column: str):
-    """A Hugging Face dataset reduced to one column before any row is read (labels never touched)."""
-    if hasattr(dataset, "select_columns") and column in getattr(dataset, "column_names", []):
-        return dataset.select_columns([column])
-    return dataset
-
-
-def _value_of(row: Any, column: str):
-    if isinstance(row, (tuple, list)):
-        return row[0]
-    return row[column]
-
-
-def read_inputs(dataset, indices: Sequence[int], column: str, processor, batch_size: int = 64,
-                image_dtype: torch.dtype = torch.float16) -> Inputs:
-    """Preprocess rows ``indices`` reading only ``column`` (images stored in ``image_dtype``)."""
-    view = column_only_view(dataset, column)
-    chunks = []
-    for start in range(0, len(indices), batch_size):
-        values = [_value_of(view[int(i)], column) for i in indices[start:start + batch_size]]
-        out = processor(values)
-        chunks.append(out.to(image_dtype) if isinstance(out, Tensor) else out)
-    return concat_inputs(chunks)
 
 
 # --------------------------------------------------------------------------- suite
@@ -471,259 +332,3 @@ class PerTaskHeadsModelPool(BaseModelPool):
             for task, head in model.heads.items():
                 save_head(head, Path(path) / "heads" / f"{task}.safetensors")
         return path
-
-
-# --------------------------------------------------------------------------- BatchNorm
-def batchnorm_layers(module: nn.Module) -> Dict[str, nn.modules.batchnorm._BatchNorm]:
-    """BatchNorm layers that keep running statistics, by module name."""
-    return {n: m for n, m in module.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-            and m.running_mean is not None}
-
-
-def running_stats(module: nn.Module) -> Dict[str, Tensor]:
-    """``{"<bn>.running_mean": ..., "<bn>.running_var": ...}`` (copies) of every BatchNorm layer."""
-    out = {}
-    for name, bn in batchnorm_layers(module).items():
-        out[f"{name}.running_mean"] = bn.running_mean.detach().clone()
-        out[f"{name}.running_var"] = bn.running_var.detach().clone()
-    return out
-
-
-class BatchNormMerger:
-    """Running statistics merged like the weights: pre + sum_k lambda_k^l (stat_k - pre).
-
-    lambda^l is the coefficient column of the layer's own affine ``weight`` (else ``bias``);
-    a layer without merged affine parameters uses each expert's mean coefficient. The merged
-    variance is clamped at 0 (BatchNorm adds its eps). Differentiable in the coefficients, so
-    with ``batchnorm: merge`` the statistics take part in training too.
-    """
-
-    def __init__(self, pretrained: Dict[str, Tensor], experts: Sequence[Dict[str, Tensor]],
-                 param_names: Sequence[str]):
-        self.names = list(pretrained)
-        self.base = {n: pretrained[n].float() for n in self.names}
-        self.delta = {n: torch.stack([e[n].float() - self.base[n] for e in experts]) for n in self.names}
-        index = {p: i for i, p in enumerate(param_names)}
-        self.column: Dict[str, Optional[int]] = {}
-        for n in self.names:
-            layer = n.rsplit(".", 1)[0]
-            self.column[n] = index.get(f"{layer}.weight", index.get(f"{layer}.bias"))
-
-    def to(self, device) -> "BatchNormMerger":
-        self.base = {n: t.to(device) for n, t in self.base.items()}
-        self.delta = {n: t.to(device) for n, t in self.delta.items()}
-        return self
-
-    def merged(self, coefficients: Tensor) -> Dict[str, Tensor]:
-        out = {}
-        fallback = coefficients.mean(dim=1)
-        for n in self.names:
-            col = self.column[n]
-            lam = coefficients[:, col] if col is not None else fallback
-            value = self.base[n] + torch.einsum("k,kc->c", lam.to(self.base[n].dtype), self.delta[n])
-            out[n] = value.clamp_min(0.0) if n.endswith("running_var") else value
-        return out
-
-
-def _eval_batchnorm(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                    eps: float) -> Tensor:
-    """Inference-mode BatchNorm written out, so gradients reach ``mean`` and ``var``."""
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    y = (x - mean.to(x.dtype).view(shape)) * torch.rsqrt(var.to(x.dtype).view(shape) + eps)
-    if weight is not None:
-        y = y * weight.view(shape)
-    if bias is not None:
-        y = y + bias.view(shape)
-    return y
-
-
-@contextlib.contextmanager
-def batchnorm_with_stats(module: nn.Module, values: Mapping[str, Tensor]) -> Iterator[None]:
-    """BatchNorm layers normalise with ``values`` (``<bn>.running_mean``/``running_var``), differentiably.
-
-    The layers' own buffers are left untouched; their affine parameters are read at call
-    time, so merged weights installed by ``functional_call`` are used.
-    """
-    patched = []
-    try:
-        for name, bn in batchnorm_layers(module).items():
-            mean, var = values.get(f"{name}.running_mean"), values.get(f"{name}.running_var")
-            if mean is None or var is None:
-                continue
-
-            def forward(x, bn=bn, mean=mean, var=var):
-                return _eval_batchnorm(x, mean, var, bn.weight, bn.bias, bn.eps)
-
-            bn.forward = forward
-            patched.append(bn)
-        yield
-    finally:
-        for bn in patched:
-            del bn.forward
-
-
-@contextlib.contextmanager
-def batch_statistics(module: nn.Module) -> Iterator[None]:
-    """BatchNorm layers normalise with the current batch's statistics, leaving running stats as they are."""
-    layers = batchnorm_layers(module)
-    state = [(bn, bn.training, bn.momentum) for bn in layers.values()]
-    try:
-        for bn in layers.values():
-            bn.train()
-            bn.momentum = 0.0  # running = 1 * running + 0 * batch: unchanged
-        yield
-    finally:
-        for bn, training, momentum in state:
-            bn.train(training)
-            bn.momentum = momentum
-
-
-@torch.no_grad()
-def reestimate_batchnorm(backbone: nn.Module, batches: Iterable[Inputs], device=None) -> int:
-    """Recompute every BatchNorm layer's running statistics on ``batches`` (unlabeled inputs).
-
-    Running stats are reset and accumulated as a cumulative average over the batches (as
-    ``torch.optim.swa_utils.update_bn`` with ``momentum=None``, without needing the batch
-    counter), with only the BatchNorm layers in training mode. Returns the number of samples seen (0: no BatchNorm, untouched).
-    """
-    layers = batchnorm_layers(backbone)
-    if not layers:
-        return 0
-    state = [(bn, bn.training, bn.momentum) for bn in layers.values()]
-    seen = 0
-    try:
-        for bn in layers.values():
-            bn.reset_running_stats()
-            bn.train()
-        for i, batch in enumerate(batches):
-            for bn in layers.values():  # cumulative average: the i-th batch weighs 1/(i+1)
-                bn.momentum = 1.0 / (i + 1)
-            backbone(inputs_to(batch, device) if device is not None else batch)
-            seen += len(batch["input_ids"]) if isinstance(batch, dict) else len(batch)
-    finally:
-        for bn, training, momentum in state:
-            bn.train(training)
-            bn.momentum = momentum
-    return seen
-
-
-def mixed_batches(inputs: Mapping[str, Inputs], batch_size: int, seed: int = 0) -> List[Inputs]:
-    """All tasks' inputs shuffled together into batches (so each batch mixes the tasks)."""
-    everything = concat_inputs(list(inputs.values()))
-    n = len(everything["input_ids"]) if isinstance(everything, dict) else len(everything)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    starts = list(range(0, n, batch_size))
-    if len(starts) > 1 and n - starts[-1] == 1:
-        # a one-sample batch cannot be normalised in training mode at 1x1 resolution: fold it in
-        starts.pop()
-    ends = starts[1:] + [n]
-    return [_rows(everything, order[a:b]) for a, b in zip(starts, ends)]
-
-
-def _rows(inputs: Inputs, index) -> Inputs:
-    return {k: v[index] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[index]
-
-
-# --------------------------------------------------------------------------- task pool
-@auto_register_config
-class PerTaskHeadsTaskPool(LightningFabricMixin, BaseTaskPool):
-    """Accuracy and loss of each task's head on a (merged) backbone, over a suite split.
-
-    Heads come from the model itself (:class:`PerTaskHeadsModel`), else from the run's model
-    pool (``load_head``), else from this suite's ``experts/<task>/head.safetensors``. With
-    ``batchnorm_reestimate: true`` the backbone's BatchNorm statistics are re-estimated on
-    ``reestimate_samples`` unlabeled train images per task before evaluating (on a copy),
-    whichever method produced it: a label-free correction one can apply to every baseline.
-    ``extra_splits`` (e.g. ``[validation]``) are scored too, each under ``"<split>_split"`` in the
-    report, so one run gives the validation scores that choose a configuration and the test
-    scores that report it; the main entries stay those of ``split``.
-    """
-
-    def __init__(self, suite_dir: str, tasks: Optional[Sequence[str]] = None, split: str = "test",
-                 batch_size: int = 128, batchnorm_reestimate: bool = False, reestimate_samples: int = 256,
-                 seed: int = 0, extra_splits: Sequence[str] = (), **kwargs):
-        super().__init__(**kwargs)
-        self.suite = HeadsSuite(suite_dir)
-        self.suite_dir = str(self.suite.root)
-        self.tasks = self.suite.select(tasks)
-        self.split = split
-        self.batch_size = int(batch_size)
-        self.batchnorm_reestimate = bool(batchnorm_reestimate)
-        self.reestimate_samples = int(reestimate_samples)
-        self.seed = seed
-        self.extra_splits = [str(x) for x in (extra_splits or ())]
-        for name in [split, *self.extra_splits]:
-            missing = [t for t in self.tasks if not (self.suite.root / "data" / t / name).is_dir()]
-            if missing:
-                raise HeadsSuiteError(f"tasks {missing} have no '{name}' split under {self.suite.root / 'data'}.")
-
-    def _heads(self, model: nn.Module) -> Dict[str, nn.Module]:
-        if isinstance(model, PerTaskHeadsModel):
-            missing = [t for t in self.tasks if t not in model.heads]
-            if missing:
-                raise HeadsSuiteError(f"the model carries no head for {missing}.")
-            return {t: model.heads[t] for t in self.tasks}
-        pool = getattr(getattr(self, "_program", None), "modelpool", None)
-        if pool is not None and hasattr(pool, "load_head"):
-            return {t: pool.load_head(t) for t in self.tasks}
-        return {t: load_head(self.suite.head_path(t)) for t in self.tasks}
-
-    def _load(self, task: str, split: str):
-        import datasets
-
-        return datasets.load_from_disk(str(self.suite.root / "data" / task / split))
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, *args, **kwargs) -> Dict[str, Any]:
-        import copy
-
-        heads = self._heads(model)
-        backbone = model.backbone if isinstance(model, PerTaskHeadsModel) else model
-        if not isinstance(backbone, HeadsBackbone):
-            raise TypeError(f"expected a HeadsBackbone or PerTaskHeadsModel, got {type(backbone).__name__}.")
-        device = self.fabric.device
-        processor = self.suite.processor()
-        column = self.suite.input_column
-        report: Dict[str, Any] = {}
-        if self.batchnorm_reestimate and batchnorm_layers(backbone):
-            backbone = copy.deepcopy(backbone)
-            report["batchnorm"] = {"reestimated_on": "train (unlabeled)",
-                                   "samples": self._reestimate(backbone, processor, column, device)}
-        backbone = backbone.to(device).eval()
-        report.update(self._score_split(backbone, heads, self.split, processor, column, device))
-        for extra in self.extra_splits:
-            report[f"{extra}_split"] = self._score_split(backbone, heads, extra, processor, column, device)
-        n_params = sum(p.numel() for p in backbone.parameters())
-        report["model_info"] = {"backbone_params": n_params, "tasks": list(self.tasks)}
-        log.info("per-task-head evaluation: %s", {t: report[t]["accuracy"] for t in self.tasks})
-        return report
-
-    def _score_split(self, backbone, heads, split: str, processor, column: str, device) -> Dict[str, Any]:
-        """Accuracy and loss of every task's head on ``split``, and their averages."""
-        scores: Dict[str, Any] = {}
-        for task in self.tasks:
-            ds = self._load(task, split)
-            head = heads[task].to(device).eval()
-            correct, loss_sum = 0, 0.0
-            for start in range(0, len(ds), self.batch_size):
-                rows = ds[start:start + self.batch_size]
-                inputs = inputs_to(processor(rows[column]), device)
-                labels = torch.as_tensor(rows["label"], device=device)
-                logits = head(backbone(inputs)).float()
-                loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-                correct += int((logits.argmax(-1) == labels).sum())
-            scores[task] = {"accuracy": correct / len(ds), "loss": loss_sum / len(ds)}
-        scores["average"] = {k: sum(scores[t][k] for t in self.tasks) / len(self.tasks) for k in ("accuracy", "loss")}
-        return scores
-
-    def _reestimate(self, backbone: HeadsBackbone, processor, column: str, device) -> int:
-        from ..engine.distillation import sample_indices
-
-        inputs = {}
-        for i, task in enumerate(self.tasks):
-            ds = self._load(task, "train")
-            idx = sample_indices(len(ds), min(self.reestimate_samples, len(ds)), self.seed + i)
-            inputs[task] = read_inputs(ds, idx, column, processor)
-        backbone.to(device)
-        return reestimate_batchnorm(backbone, mixed_batches(inputs, self.batch_size, self.seed), device)
