@@ -38,7 +38,8 @@ def test_docs_tables_are_the_committed_results():
     so no figure there is typed by hand."""
     docs = (REPO_ROOT / "docs" / "benchmarks.md").read_text()
     for name in ("real_vision_gpu", "real_hetero_gpu", "real_text_gpu",
-                 "real_vision_gpu_issue19", "real_hetero_gpu_issue19", "real_text_gpu_issue19"):
+                 "real_vision_gpu_issue19", "real_hetero_gpu_issue19", "real_text_gpu_issue19",
+                 "real_vision_gpu_issue19b", "real_hetero_gpu_issue19b", "real_text_gpu_issue19b"):
         folder = REPO_ROOT / "docs" / "results" / name
         manifest_path = folder / "manifest.json"
         manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
@@ -56,10 +57,33 @@ def test_builder_readme_quotes_the_committed_vision_manifest():
         assert row.endswith(f"| {entry['expert_test_accuracy']:.3f} |"), (task, row)
 
 
-def test_docs_ablation_table_is_the_committed_runs():
-    """docs/benchmarks.md's GPU ablation table is ablation.py's output on the committed runs (validation read)."""
+@pytest.mark.parametrize("campaign", ["issue19", "issue19b"])
+def test_docs_ablation_table_is_the_committed_runs(campaign):
+    """docs/benchmarks.md's GPU ablation tables are ablation.py's output on the committed runs (validation read)."""
     import ablation
-    folders = [REPO_ROOT / "docs" / "results" / f"real_{s}_gpu_issue19" for s in ("vision", "text", "hetero")]
+    folders = [REPO_ROOT / "docs" / "results" / f"real_{s}_gpu_{campaign}" for s in ("vision", "text", "hetero")]
     scores = ablation.collect(folders)
     rendered = ablation.markdown(scores, ablation.choose(scores))
     assert rendered in (REPO_ROOT / "docs" / "benchmarks.md").read_text()
+
+
+def test_second_campaign_chose_the_committed_start():
+    """The committed StatsMerging-R configuration is the candidate the second campaign chose on validation."""
+    import ablation
+    from omegaconf import OmegaConf
+    folders = [REPO_ROOT / "docs" / "results" / f"real_{s}_gpu_issue19b" for s in ("vision", "text", "hetero")]
+    chosen = ablation.choose(ablation.collect(folders))
+    config = OmegaConf.load(REPO_ROOT / "config" / "method" / "statsmerging_residual.yaml")
+    overrides = dict(o.split("=", 1) for o in ablation.CANDIDATES[chosen][1])
+    assert str(config.output) == overrides["method.output"]
+    assert float(config.init_coefficient) == float(overrides["method.init_coefficient"])
+
+
+def test_gap_is_the_best_statsmerging_row_against_the_best_other_merge():
+    results = dict(tasks=["a"], rows=[
+        _row("statsmerging_residual", "R", {"a": 0.72}), _row("statsmerging_layer", "L", {"a": 0.60}),
+        _row("samerging", "SAM", {"a": 0.70}), _row("individual", "Ind", {"a": 0.90}),
+        _row("ablation_r_x", "X", {"a": 0.99}), _row("adamerging_layer_train", "Ada", status="timeout", error="t"),
+    ])
+    assert tables.gap(results) == ("statsmerging_residual 72.00 vs samerging 70.00: +2.00 "
+                                   "(without adamerging_layer_train: no average)")

@@ -6,6 +6,7 @@ label-using references (linear probe, experts as fine-tuned) from its manifest.
 
     python benchmarks/real_suites/tables.py docs/results/real_vision_gpu/results.json \
         --manifest docs/results/real_vision_gpu/manifest.json
+    python benchmarks/real_suites/tables.py docs/results/real_vision_gpu/results.json --gap   # acceptance margin
 """
 
 from __future__ import annotations
@@ -52,13 +53,33 @@ def table(results: Mapping[str, Any], manifest: Optional[Mapping[str, Any]] = No
     return "\n".join(lines)
 
 
+NOT_A_MERGE = ("individual",)  # one expert per task: a reference, not a single merged model
+
+
+def gap(results: Mapping[str, Any]) -> str:
+    """Issue 19's acceptance line: the best row whose key starts with ``statsmerging`` against the best other
+    single-merged-model row (test average), and the rows that have no average (they are not in the max)."""
+    rows = [r for r in results["rows"] if not r["key"].startswith("ablation_") and r["key"] not in NOT_A_MERGE]
+    ours = [r for r in rows if r["key"].startswith("statsmerging") and r.get("average") is not None]
+    others = [r for r in rows if not r["key"].startswith("statsmerging") and r.get("average") is not None]
+    missing = [r["key"] for r in rows if r.get("average") is None]
+    if not ours or not others:
+        return "no comparison: a side has no finished row"
+    best, rival = max(ours, key=lambda r: r["average"]), max(others, key=lambda r: r["average"])
+    line = (f"{best['key']} {100 * best['average']:.2f} vs {rival['key']} {100 * rival['average']:.2f}: "
+            f"{100 * (best['average'] - rival['average']):+.2f}")
+    return line + (f" (without {', '.join(missing)}: no average)" if missing else "")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path, help="results.json written by statsmerging-compare")
     parser.add_argument("--manifest", type=Path, help="the suite's manifest.json (adds the reference rows)")
+    parser.add_argument("--gap", action="store_true", help="print only the best statsmerging row's margin")
     args = parser.parse_args(argv)
     manifest = json.loads(args.manifest.read_text()) if args.manifest else None
-    print(table(json.loads(args.results.read_text()), manifest))
+    results = json.loads(args.results.read_text())
+    print(gap(results) if args.gap else table(results, manifest))
 
 
 if __name__ == "__main__":
