@@ -16,6 +16,7 @@ The process wall time (Python start-up and imports included) is reported beside 
 
     python benchmarks/end_to_end.py --out /tmp/e2e --model b32 --experts 8 --json e2e.json
     python benchmarks/end_to_end.py --out /tmp/e2e_tiny --model tiny --experts 3 --steps 3   # CPU smoke
+    python benchmarks/end_to_end.py --out /tmp/e2e --model b32 --experts 8 --variants default,ddp2   # 1 vs 2 GPUs
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ TEXT = {"tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, 
 # SAM, label-free selection on 256 validation images per task)
 VARIANTS = {"default": [], "fp32": ["method.autocast=null"], "bf16": ["method.autocast=bf16"],
             "bf16-tv": ["method.autocast=bf16", "method.task_vector_dtype=bfloat16"],
-            "residual": ["method=statsmerging_residual"]}
+            "residual": ["method=statsmerging_residual"],
+            # issue 16's scaling figure: the same merge data-parallel over two devices (global batch unchanged)
+            "ddp2": ["fabric.devices=2", "fabric.strategy=ddp"]}
 VALIDATION_IMAGES = 256
 NUM_CLASSES = 10
 TEMPLATES = ["a photo of a {}.", "an image of a {}."]
@@ -161,6 +164,7 @@ def run_variant(root: Path, name: str, overrides: List[str], steps: int, fit_ima
             "method_seconds": report["seconds"], "phase_seconds": report.get("phase_seconds", {}),
             "steps": done, "ms_per_step": round(1000 * training / done, 2) if training and done else None,
             "final_loss": report["final_loss"], "command": " ".join(cmd),
+            "world_size": report.get("distributed", {}).get("world_size", 1),
             **({"profile": report["profile"]} if "profile" in report else {})}
 
 
