@@ -187,34 +187,41 @@ def warn_projection(label: str) -> None:
 
 
 # --------------------------------------------------------------------------- conversion
-def export_openclip_processor(model: nn.Module, model_name: str, folder: Path) -> None:
-    """A transformers ``CLIPProcessor`` equivalent to OpenCLIP's tokenizer and preprocessing for ``model_name``:
-    the BPE vocabulary and merges copied, images resized (bicubic) and centre-cropped to the model's size
-    with its mean and std."""
+def export_openclip_tokenizer(model_name: str, context_length: int, folder: Path):
+    """A transformers ``CLIPTokenizer`` giving the ids OpenCLIP's BPE tokenizer for ``model_name`` gives (same
+    vocabulary, merges and start/end tokens; padding with the end token, which argmax pooling ignores)."""
     import open_clip
     from open_clip.tokenizer import SimpleTokenizer
-    from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     tokenizer = open_clip.get_tokenizer(model_name)
     if not isinstance(tokenizer, SimpleTokenizer):
         raise OpenCLIPError(f"OpenCLIP model '{model_name}' uses a {type(tokenizer).__name__}; only OpenCLIP's own "
                             "BPE tokenizer is exported. Pass `processor_dir`, a transformers CLIPProcessor folder.")
-    source = folder / "_tokenizer"
-    source.mkdir(parents=True)
-    (source / "vocab.json").write_text(json.dumps(tokenizer.encoder))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(tokenizer.encoder))
     merges = sorted(tokenizer.bpe_ranks, key=tokenizer.bpe_ranks.get)
-    (source / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
     sot, eot = tokenizer.decoder[tokenizer.sot_token_id], tokenizer.decoder[tokenizer.eot_token_id]
-    hf_tokenizer = CLIPTokenizer(str(source / "vocab.json"), str(source / "merges.txt"), bos_token=sot,
-                                 eos_token=eot, pad_token=eot, unk_token=eot,
-                                 model_max_length=model.positional_embedding.shape[0])
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), bos_token=sot, eos_token=eot,
+                         pad_token=eot, unk_token=eot, model_max_length=context_length)
+
+
+def export_openclip_processor(model: nn.Module, model_name: str, folder: Path) -> None:
+    """A transformers ``CLIPProcessor`` standing in for OpenCLIP's tokenizer and preprocessing of ``model_name``:
+    the exported tokenizer, images resized (bicubic) and centre-cropped to the model's size with its mean
+    and std."""
+    import open_clip
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    tokenizer = export_openclip_tokenizer(model_name, model.positional_embedding.shape[0], folder / "_tokenizer")
     cfg = open_clip.get_model_preprocess_cfg(model)
     size = cfg["size"][0] if isinstance(cfg["size"], (tuple, list)) else cfg["size"]
     images = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                                 image_mean=list(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
                                 image_std=list(cfg.get("std", open_clip.OPENAI_DATASET_STD)), resample=3)
-    CLIPProcessor(image_processor=images, tokenizer=hf_tokenizer).save_pretrained(folder)
-    shutil.rmtree(source)
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    shutil.rmtree(folder / "_tokenizer")
 
 
 def convert_pretrained(source: OpenCLIPSource, root: Path, model: Optional[nn.Module] = None) -> Path:
@@ -359,4 +366,4 @@ class OpenCLIPSuiteTaskPool(CLIPSuiteTaskPool):
 
 __all__ = ["OpenCLIPError", "OpenCLIPSource", "OpenCLIPSuiteModelPool", "OpenCLIPSuiteTaskPool", "OpenCLIPTaskPool",
            "OpenCLIPVisionModelPool", "check_expert_visual", "convert_openclip_pool", "convert_pretrained",
-           "export_openclip_processor", "read_expert_visual", "to_openclip_visual", "visual_part"]
+           "export_openclip_processor", "export_openclip_tokenizer", "read_expert_visual", "to_openclip_visual", "visual_part"]

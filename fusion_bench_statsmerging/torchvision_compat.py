@@ -113,6 +113,16 @@ def write_pth(site_packages: Optional[str] = None) -> Path:
     return path
 
 
+def ensure_installed() -> Optional[Path]:
+    """This interpreter's hook and, where site-packages is writable, the start-up file for new interpreters
+    (what the test suite runs first); returns the file's path, or None where it could not be written."""
+    install_import_hook()
+    try:
+        return write_pth()
+    except OSError:
+        return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m fusion_bench_statsmerging.torchvision_compat [SITE_PACKAGES]``: write the ``.pth`` file
     and check that torchvision now imports in a fresh interpreter."""

@@ -6,9 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
-import pytest
-import torch
+# Before anything imports torchvision (lightning may): let it import beside a torch its compiled ops do not
+# match, here and, through the .pth file, in the fusion_bench subprocesses (torchvision_compat's docstring).
+from fusion_bench_statsmerging import torchvision_compat
+
+torchvision_compat.ensure_installed()
+
+import lightning as L  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
