@@ -256,3 +256,42 @@ def test_cli_merges_the_openclip_suite_and_evaluates(openclip_suite, tmp_path):
         for task in tasks:
             assert 0.0 <= report[task]["accuracy"] <= 1.0
         assert abs(report["average"]["accuracy"] - sum(report[t]["accuracy"] for t in tasks) / len(tasks)) < 1e-6
+
+
+@pytest.mark.parametrize("modelpool, taskpool", [("openclip-vit-b-32_TA8", "openclip-vit-classification_TA8"),
+                                                 ("openclip", "openclip"), ("openclip_suite", "openclip_suite")])
+def test_openclip_configs_name_constructor_arguments(modelpool, taskpool):
+    import inspect
+    from pathlib import Path
+
+    import fusion_bench_config
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import get_class
+
+    with initialize_config_dir(config_dir=str(Path(list(fusion_bench_config.__path__)[0])), version_base=None):
+        cfg = compose("fabric_model_fusion", overrides=["method=dummy", f"modelpool={modelpool}", f"taskpool={taskpool}"],
+                      return_hydra_config=False)
+    for section in (cfg.modelpool, cfg.taskpool):
+        cls = get_class(section._target_)
+        accepted = set()
+        for klass in cls.__mro__:  # **kwargs reach the host's pool constructors
+            if "__init__" in vars(klass):
+                accepted |= set(inspect.signature(klass.__init__).parameters)
+        keys = {k for k in section if not k.startswith("_")}
+        assert keys <= accepted, f"{section._target_}: {sorted(keys - accepted)} are not constructor arguments"
+
+
+def test_ta8_pool_names_the_missing_expert_before_loading_anything(tmp_path):
+    from pathlib import Path
+
+    import fusion_bench_config
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(config_dir=str(Path(list(fusion_bench_config.__path__)[0])), version_base=None):
+        cfg = compose("fabric_model_fusion", overrides=["method=dummy", "modelpool=openclip-vit-b-32_TA8",
+                                                        f"modelpool.experts_dir={tmp_path}",
+                                                        f"modelpool.cache_dir={tmp_path / 'cache'}"])
+    with pytest.raises(Exception, match=f"Expert 'sun397': state-dict file '{tmp_path}/sun397.pt' does not exist"):
+        instantiate(cfg.modelpool)
+    assert not (tmp_path / "cache").exists()
