@@ -320,7 +320,8 @@ class OpenCLIPTaskPool(CLIPVisionModelTaskPool):
                  cache_dir: Optional[str] = None, **kwargs):
         source = OpenCLIPSource(model_name, pretrained, model_config, processor_dir)
         folder = str(convert_pretrained(source, cache_root(cache_dir)))
-        kwargs.pop("processor", None), kwargs.pop("clip_model", None)
+        for replaced in ("processor", "clip_model"):  # both are the converted folder
+            kwargs.pop(replaced, None)
         super().__init__(test_datasets, processor=folder, clip_model=folder, **kwargs)
 
 

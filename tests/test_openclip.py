@@ -1,13 +1,12 @@
 """OpenCLIP experts (issue 18): the exact OpenCLIP <-> transformers mapping, the OpenCLIP pools, and CLI merges."""
 
 import json
-import os
 import warnings
 
 import pytest
 import torch
 
-from conftest import run_fusion_bench
+from conftest import run_suite_cli_and_check_reports
 
 ATOL = 1e-5
 TINY = dict(embed_dim=16, vision_cfg=dict(image_size=16, layers=2, width=32, patch_size=4, head_width=8, mlp_ratio=2.0),
@@ -241,36 +240,28 @@ def test_cli_merges_the_openclip_suite_and_evaluates(openclip_suite, tmp_path):
             "statsmerging_plusplus": ["method=statsmerging_plusplus", "method.data_fraction=0.25", *trained],
             "samerging": ["method=samerging", "method.num_batches_per_task=2", *trained],
             "ties_merging": ["method=ties_merging"]}
-    commands = [[*args, *common, f"path.log_dir={tmp_path / key}"] for key, args in runs.items()]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", HF_HOME=str(tmp_path / "hf_home"),
-               STATSMERGING_SUITE_DIR=str(openclip_suite))
-    proc = run_fusion_bench(commands, tmp_path, env)
-    log = proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert proc.returncode == 0 and "EXIT" not in proc.stdout, log
-    tasks = json.loads((openclip_suite / "tasks.json").read_text())
-    for key in runs:
-        report_path = tmp_path / key / "program_report.json"
-        assert report_path.is_file(), f"{key} wrote no report\n{log}"
-        report = json.loads(report_path.read_text())
-        for task in tasks:
-            assert 0.0 <= report[task]["accuracy"] <= 1.0
-        assert abs(report["average"]["accuracy"] - sum(report[t]["accuracy"] for t in tasks) / len(tasks)) < 1e-6
+    run_suite_cli_and_check_reports(runs, common, openclip_suite, tmp_path)
+
+
+def _compose(overrides):
+    """The CLI's config for ``overrides``, composed as ``fusion_bench`` does (the host's tree, our plugin's groups)."""
+    from pathlib import Path
+
+    import fusion_bench_config
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(Path(list(fusion_bench_config.__path__)[0])), version_base=None):
+        return compose("fabric_model_fusion", overrides=overrides)
 
 
 @pytest.mark.parametrize("modelpool, taskpool", [("openclip-vit-b-32_TA8", "openclip-vit-classification_TA8"),
                                                  ("openclip", "openclip"), ("openclip_suite", "openclip_suite")])
 def test_openclip_configs_name_constructor_arguments(modelpool, taskpool):
     import inspect
-    from pathlib import Path
 
-    import fusion_bench_config
-    from hydra import compose, initialize_config_dir
     from hydra.utils import get_class
 
-    with initialize_config_dir(config_dir=str(Path(list(fusion_bench_config.__path__)[0])), version_base=None):
-        cfg = compose("fabric_model_fusion", overrides=["method=dummy", f"modelpool={modelpool}", f"taskpool={taskpool}"],
-                      return_hydra_config=False)
+    cfg = _compose(["method=dummy", f"modelpool={modelpool}", f"taskpool={taskpool}"])
     for section in (cfg.modelpool, cfg.taskpool):
         cls = get_class(section._target_)
         accepted = set()
@@ -282,16 +273,10 @@ def test_openclip_configs_name_constructor_arguments(modelpool, taskpool):
 
 
 def test_ta8_pool_names_the_missing_expert_before_loading_anything(tmp_path):
-    from pathlib import Path
-
-    import fusion_bench_config
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    with initialize_config_dir(config_dir=str(Path(list(fusion_bench_config.__path__)[0])), version_base=None):
-        cfg = compose("fabric_model_fusion", overrides=["method=dummy", "modelpool=openclip-vit-b-32_TA8",
-                                                        f"modelpool.experts_dir={tmp_path}",
-                                                        f"modelpool.cache_dir={tmp_path / 'cache'}"])
+    cfg = _compose(["method=dummy", "modelpool=openclip-vit-b-32_TA8", f"modelpool.experts_dir={tmp_path}",
+                    f"modelpool.cache_dir={tmp_path / 'cache'}"])
     with pytest.raises(Exception, match=f"Expert 'sun397': state-dict file '{tmp_path}/sun397.pt' does not exist"):
         instantiate(cfg.modelpool)
     assert not (tmp_path / "cache").exists()
