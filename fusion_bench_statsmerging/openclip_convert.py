@@ -31,6 +31,11 @@ import torch
 from torch import Tensor, nn
 
 from .errors import UserError
+from .torchvision_compat import install_import_hook
+
+# open_clip imports torchvision: let it import even where the venv's start-up file is missing
+# (torchvision_compat's docstring); stdlib only until torchvision is really imported.
+install_import_hook()
 
 StateDict = Dict[str, Tensor]
 
