@@ -280,3 +280,20 @@ def test_ta8_pool_names_the_missing_expert_before_loading_anything(tmp_path):
     with pytest.raises(Exception, match=f"Expert 'sun397': state-dict file '{tmp_path}/sun397.pt' does not exist"):
         instantiate(cfg.modelpool)
     assert not (tmp_path / "cache").exists()
+
+
+def test_torchvision_and_open_clip_import_in_a_fresh_interpreter_without_loading_torch_at_start_up():
+    """The start-up file (written by conftest, as README's compat step does) fixes every new interpreter of the
+    venv, the fusion_bench CLI's included, and costs nothing until torchvision is imported."""
+    import subprocess
+    import sys
+
+    from fusion_bench_statsmerging import torchvision_compat
+
+    path = torchvision_compat.pth_path()
+    assert path.is_file() and path.read_text() == torchvision_compat.PTH_LINE and path.read_text().startswith("import ")
+    started = subprocess.run([sys.executable, "-c", "import sys; print('torch' in sys.modules)"],
+                             capture_output=True, text=True)
+    assert started.stdout.strip() == "False", started.stderr
+    imported = subprocess.run([sys.executable, "-c", "import torchvision, open_clip"], capture_output=True, text=True)
+    assert imported.returncode == 0, imported.stderr[-2000:]
