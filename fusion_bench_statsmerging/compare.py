@@ -256,6 +256,9 @@ SUITE_BUILDERS = {
     "clip": ("STATSMERGING_SUITE_DIR", "tasks.json",
              "python -m fusion_bench_statsmerging.demo --build-only --out DIR (then DIR/suite)"),
     "heads": ("STATSMERGING_HEADS_SUITE_DIR", "suite.json", "python -m fusion_bench_statsmerging.heads_fixtures DIR"),
+    # a CLIP suite's OpenCLIP export (modelpool/taskpool=openclip_suite): same rows as the clip family
+    "openclip": ("STATSMERGING_SUITE_DIR", "openclip/model_config.json",
+                 "python -m fusion_bench_statsmerging.openclip_fixtures DIR [--build]"),
 }
 
 
@@ -263,8 +266,9 @@ def suite_problem(ctx: "Context") -> Optional[str]:
     """Why the suite every row would read is unusable, or None: checked once here, since otherwise
     each row starts, loads the host, and fails the same way."""
     pools = (ctx.modelpool, ctx.taskpool)
-    family = "heads" if any(p.startswith("heads_suite") for p in pools) else "clip"
-    if not any(p.startswith(("clip_suite", "heads_suite")) for p in pools):
+    family = ("heads" if any(p.startswith("heads_suite") for p in pools)
+              else "openclip" if any(p.startswith("openclip_suite") for p in pools) else "clip")
+    if not any(p.startswith(("clip_suite", "heads_suite", "openclip_suite")) for p in pools):
         return None
     if any("suite_dir=" in o for o in ctx.extra_overrides):
         return None  # the pools are pointed elsewhere explicitly

@@ -297,3 +297,26 @@ def test_torchvision_and_open_clip_import_in_a_fresh_interpreter_without_loading
     assert started.stdout.strip() == "False", started.stderr
     imported = subprocess.run([sys.executable, "-c", "import torchvision, open_clip"], capture_output=True, text=True)
     assert imported.returncode == 0, imported.stderr[-2000:]
+
+
+def test_compare_on_an_openclip_suite_without_export_names_the_command(suite_dir, tmp_path, capsys):
+    """``statsmerging-compare --suite DIR --modelpool openclip_suite --taskpool openclip_suite`` runs the CLIP
+    family's rows on the OpenCLIP export; a suite without one stops before any row, naming how to export."""
+    from fusion_bench_statsmerging import compare
+
+    args = ["--suite", str(suite_dir), "--modelpool", "openclip_suite", "--taskpool", "openclip_suite",
+            "--out", str(tmp_path / "results")]
+    assert compare.main(args) == 2
+    err = capsys.readouterr().err
+    assert "openclip/model_config.json' is missing" in err and "openclip_fixtures" in err
+    assert not (tmp_path / "results").exists()
+
+
+def test_compare_rows_on_the_openclip_suite_use_its_pools(openclip_suite, tmp_path, capsys):
+    from fusion_bench_statsmerging import compare
+
+    args = ["--suite", str(openclip_suite), "--modelpool", "openclip_suite", "--taskpool", "openclip_suite",
+            "--methods", "task_arithmetic,statsmerging_layer,samerging", "--dry-run", "--out", str(tmp_path / "r")]
+    assert compare.main(args) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "fusion_bench " in line]
+    assert len(lines) == 3 and all("modelpool=openclip_suite taskpool=openclip_suite" in line for line in lines)
