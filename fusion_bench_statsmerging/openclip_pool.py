@@ -41,6 +41,7 @@ CACHE_ENV = "STATSMERGING_OPENCLIP_CACHE"
 DONE = "conversion.json"  # written last: a folder without it is an interrupted conversion
 STRIP_PREFIXES = ("module.", "model.")  # DDP wrappers; task-vector ImageEncoder checkpoints (model = CLIP)
 OPENCLIP_DIR = "openclip"
+CHECKPOINTS = (".pt", ".pth", ".bin", ".safetensors", ".npz")
 
 
 class OpenCLIPError(ConversionError):
@@ -69,6 +70,10 @@ class OpenCLIPSource:
             value = getattr(self, what)
             if value and not Path(value).exists():
                 raise OpenCLIPError(f"OpenCLIP `{what}` '{value}' does not exist.")
+        looks_like_file = self.pretrained and (os.sep in self.pretrained or Path(self.pretrained).suffix in CHECKPOINTS)
+        if looks_like_file and not Path(self.pretrained).is_file():
+            raise OpenCLIPError(f"OpenCLIP `pretrained` checkpoint '{self.pretrained}' does not exist (a tag such as "
+                                "'openai' downloads from the hub instead; open_clip.list_pretrained() lists them).")
         if self.model_config and not (self.pretrained and Path(self.pretrained).is_file()):
             raise OpenCLIPError(f"With `model_config` the pretrained weights must be a checkpoint file; "
                                 f"'{self.pretrained}' is not one.")

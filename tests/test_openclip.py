@@ -279,6 +279,9 @@ def test_ta8_pool_names_the_missing_expert_before_loading_anything(tmp_path):
                     f"modelpool.cache_dir={tmp_path / 'cache'}"])
     with pytest.raises(Exception, match=f"Expert 'sun397': state-dict file '{tmp_path}/sun397.pt' does not exist"):
         instantiate(cfg.modelpool)
+    cfg.modelpool.pretrained = str(tmp_path / "ViT-B-32-openai.pt")
+    with pytest.raises(Exception, match="`pretrained` checkpoint '.*ViT-B-32-openai.pt' does not exist"):
+        instantiate(cfg.modelpool)
     assert not (tmp_path / "cache").exists()
 
 
