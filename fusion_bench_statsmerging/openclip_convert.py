@@ -220,6 +220,28 @@ def check_standard_openclip(model: nn.Module) -> None:
         raise ConversionError("This OpenCLIP model has no exact transformers CLIP counterpart: " + "; ".join(problems) + ".")
 
 
+UNSUPPORTED_TOP = ("custom_text", "multimodal_cfg", "init_logit_bias")
+UNSUPPORTED_TOWER = ("timm_model_name", "hf_model_name", "ls_init_value", "attentional_pool", "no_ln_pre",
+                     "final_ln_after_pool", "proj_bias", "no_causal_mask", "embed_cls", "norm_kwargs", "act_kwargs")
+
+
+def check_openclip_config(config: Mapping, label: str) -> None:
+    """The same refusal as :func:`check_standard_openclip`, read from an OpenCLIP model config, so that an
+    unsupported model is named before its weights are downloaded or loaded."""
+    problems = [key for key in UNSUPPORTED_TOP if config.get(key)]
+    for tower in ("vision_cfg", "text_cfg"):
+        cfg = config.get(tower) or {}
+        problems += [f"{tower}.{key}" for key in UNSUPPORTED_TOWER if cfg.get(key)]
+        if isinstance(cfg.get("layers"), (list, tuple)):
+            problems.append(f"{tower}.layers {list(cfg['layers'])} (a ResNet)")
+    pools = {"vision_cfg": "tok", "text_cfg": "argmax"}
+    problems += [f"{t}.pool_type '{(config.get(t) or {})['pool_type']}'" for t, ok in pools.items()
+                 if (config.get(t) or {}).get("pool_type", ok) != ok]
+    if problems:
+        raise ConversionError(f"OpenCLIP model {label} has no exact transformers CLIP counterpart: "
+                              + ", ".join(problems) + " (standard ViT CLIP models only).")
+
+
 def hf_config_from_openclip(model: nn.Module):
     """The ``CLIPConfig`` of a standard OpenCLIP ``CLIP``, read off the module itself (so '-quickgelu' names,
     'openai' tags and custom configs all give the network they built)."""
@@ -316,7 +338,7 @@ def vision_model_from_openclip_visual(visual: Mapping[str, Tensor], vision_confi
     return model.eval(), projection
 
 
-__all__ = ["ConversionError", "check_standard_openclip", "hf_clip_to_openclip", "hf_config_from_openclip",
+__all__ = ["ConversionError", "check_openclip_config", "check_standard_openclip", "hf_clip_to_openclip", "hf_config_from_openclip",
            "hf_to_openclip_state_dict", "hf_vision_to_openclip", "load_exactly", "openclip_config_from_hf",
            "openclip_to_hf_clip", "openclip_to_hf_state_dict", "openclip_visual_to_hf",
            "vision_model_from_openclip_visual"]

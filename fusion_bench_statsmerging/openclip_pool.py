@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from fusion_bench.modelpool import CLIPVisionModelPool
 from fusion_bench.taskpool import CLIPVisionModelTaskPool
 
-from .openclip_convert import ConversionError, hf_vision_to_openclip, openclip_to_hf_clip, vision_model_from_openclip_visual
+from .openclip_convert import (ConversionError, check_openclip_config, hf_vision_to_openclip, openclip_to_hf_clip,
+                               vision_model_from_openclip_visual)
 from .suite import CLIPSuiteModelPool, CLIPSuiteTaskPool, SuiteError, _select, read_suite_tasks
 
 CACHE_ENV = "STATSMERGING_OPENCLIP_CACHE"
@@ -80,6 +81,19 @@ class OpenCLIPSource:
         if self.model_config and not self.processor_dir:
             raise OpenCLIPError("With `model_config` (a custom OpenCLIP architecture) give `processor_dir`, a "
                                 "transformers CLIPProcessor folder: a custom config names no tokenizer.")
+        check_openclip_config(self.config(), f"'{self.model_config or self.model_name}'")
+
+    def config(self) -> dict:
+        """The OpenCLIP model config (the JSON file, or open_clip's registered config of ``model_name``)."""
+        if self.model_config:
+            return json.loads(Path(self.model_config).read_text())
+        import open_clip
+
+        config = open_clip.get_model_config(self.model_name)
+        if config is None:
+            raise OpenCLIPError(f"Unknown OpenCLIP model name '{self.model_name}' (open_clip.list_models() lists them; "
+                                "a custom architecture takes `model_config`, a JSON file).")
+        return config
 
     def fingerprint(self) -> str:
         parts = {k: (file_identity(v) if v and Path(v).exists() else v) for k, v in asdict(self).items()}
@@ -92,7 +106,7 @@ class OpenCLIPSource:
         if self.model_config:
             from open_clip.model import CLIP
 
-            model = CLIP(**json.loads(Path(self.model_config).read_text()))
+            model = CLIP(**self.config())
             open_clip.load_checkpoint(model, self.pretrained)
         else:
             model = open_clip.create_model(self.model_name, pretrained=self.pretrained)

@@ -107,6 +107,17 @@ def test_non_standard_openclip_architectures_are_refused_by_name():
         openclip_to_hf_clip(CLIP(**avg_pool))
 
 
+@pytest.mark.parametrize("model_name, named", [("ViT-B-32-SigLIP2-256", "custom_text"), ("RN50", "a ResNet"),
+                                              ("coca_ViT-B-32", "multimodal_cfg"), ("ViT-B-32-nonexistent", "Unknown")])
+def test_unsupported_openclip_models_are_named_before_any_weight_is_loaded(model_name, named):
+    from fusion_bench_statsmerging.openclip_pool import OpenCLIPSource
+
+    with pytest.raises(Exception, match=named):
+        OpenCLIPSource(model_name, "some-tag").check()  # no download: the tag is never looked up
+    OpenCLIPSource("ViT-B-32", "openai").check()
+    OpenCLIPSource("ViT-L-14-quickgelu", "dfn2b").check()
+
+
 def test_exported_tokenizer_gives_openclip_token_ids(tmp_path):
     import open_clip
     from fusion_bench.tasks.clip_classification import get_classnames_and_templates
