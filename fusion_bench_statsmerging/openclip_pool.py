@@ -261,6 +261,11 @@ def convert_pretrained(source: OpenCLIPSource, root: Path, model: Optional[nn.Mo
     return _write_atomically(root / f"pretrained-{source.fingerprint()}", write)
 
 
+def expert_folder(root: Path, path: str, pretrained_dir: Path) -> Path:
+    """Where an expert's conversion is cached: keyed by its file and by the pretrained conversion it is read against."""
+    return root / f"expert-{digest([file_identity(path), pretrained_dir.name])}"
+
+
 def convert_expert(label: str, path: str, pretrained_dir: Path, pretrained_visual: Mapping[str, Tensor],
                    root: Path) -> Path:
     """One expert's image encoder as a ``CLIPVisionModel`` folder, cached; checked against the pretrained first."""
@@ -275,7 +280,7 @@ def convert_expert(label: str, path: str, pretrained_dir: Path, pretrained_visua
         (folder / DONE).write_text(json.dumps({"expert": label, "file": str(Path(path).resolve()),
                                                "projection_differs": differs}, indent=2))
 
-    folder = _write_atomically(root / f"expert-{digest([file_identity(path), pretrained_dir.name])}", write)
+    folder = _write_atomically(expert_folder(root, path, pretrained_dir), write)
     if json.loads((folder / DONE).read_text()).get("projection_differs"):
         warn_projection(label)  # on every load, cached or not
     return folder
@@ -296,8 +301,7 @@ def convert_openclip_pool(source: OpenCLIPSource, experts: Mapping[str, str], ro
     pretrained_visual: Optional[Dict[str, Tensor]] = None
     models = {"_pretrained_": str(pretrained_dir)}
     for label, path in experts.items():
-        key = digest([file_identity(path), pretrained_dir.name])
-        if not (root / f"expert-{key}" / DONE).is_file() and pretrained_visual is None:
+        if not (expert_folder(root, path, pretrained_dir) / DONE).is_file() and pretrained_visual is None:
             model = model if model is not None else source.load()
             pretrained_visual = {k[len("visual."):]: v for k, v in model.state_dict().items() if k.startswith("visual.")}
         models[label] = str(convert_expert(label, path, pretrained_dir, pretrained_visual or {}, root))
@@ -314,8 +318,9 @@ def to_openclip_visual(model: nn.Module, projection: Tensor) -> Dict[str, Tensor
 class OpenCLIPVisionModelPool(CLIPVisionModelPool):
     """The host's CLIP vision model pool over OpenCLIP sources (converted exactly, cached).
 
-    ``experts``: ``{task: state-dict file}`` (relative files are read from ``experts_dir``); task names are the host's (``sun397``, ``eurosat``, ...) or
-    any registered with its template factory, since the zero-shot heads are built per task name."""
+    ``experts``: ``{task: state-dict file}`` (relative files are read from ``experts_dir``); task names are
+    the host's (``sun397``, ``eurosat``, ...) or any registered with its template factory, since the
+    zero-shot heads are built per task name."""
 
     def __init__(self, experts: Mapping[str, str], model_name: Optional[str] = None, pretrained: Optional[str] = None,
                  model_config: Optional[str] = None, processor_dir: Optional[str] = None,
