@@ -162,7 +162,8 @@ def openclip_to_hf_state_dict(state: Mapping[str, Tensor]) -> StateDict:
     for needed in ("text_projection", "logit_scale"):
         if needed not in state:
             raise ConversionError(f"The OpenCLIP state dict has no '{needed}'.")
-    out.update({"visual_projection.weight": projection, "text_projection.weight": state["text_projection"].t().contiguous(),
+    out.update({"visual_projection.weight": projection,
+                "text_projection.weight": state["text_projection"].t().contiguous(),
                 "logit_scale": state["logit_scale"]})
     return out
 
@@ -217,7 +218,8 @@ def check_standard_openclip(model: nn.Module) -> None:
     if not isinstance(model.text_projection, nn.Parameter):
         problems.append("a text projection that is not a plain matrix")
     if problems:
-        raise ConversionError("This OpenCLIP model has no exact transformers CLIP counterpart: " + "; ".join(problems) + ".")
+        raise ConversionError("This OpenCLIP model has no exact transformers CLIP counterpart: "
+                              + "; ".join(problems) + ".")
 
 
 UNSUPPORTED_TOP = ("custom_text", "multimodal_cfg", "init_logit_bias")
@@ -338,7 +340,8 @@ def vision_model_from_openclip_visual(visual: Mapping[str, Tensor], vision_confi
     return model.eval(), projection
 
 
-__all__ = ["ConversionError", "check_openclip_config", "check_standard_openclip", "hf_clip_to_openclip", "hf_config_from_openclip",
+__all__ = ["ConversionError", "check_openclip_config", "check_standard_openclip", "hf_clip_to_openclip",
+           "hf_config_from_openclip",
            "hf_to_openclip_state_dict", "hf_vision_to_openclip", "load_exactly", "openclip_config_from_hf",
            "openclip_to_hf_clip", "openclip_to_hf_state_dict", "openclip_visual_to_hf",
            "vision_model_from_openclip_visual"]

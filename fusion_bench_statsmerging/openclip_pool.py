@@ -303,7 +303,7 @@ def convert_openclip_pool(source: OpenCLIPSource, experts: Mapping[str, str], ro
     for label, path in experts.items():
         if not (expert_folder(root, path, pretrained_dir) / DONE).is_file() and pretrained_visual is None:
             model = model if model is not None else source.load()
-            pretrained_visual = {k[len("visual."):]: v for k, v in model.state_dict().items() if k.startswith("visual.")}
+            pretrained_visual = visual_part(model.state_dict())
         models[label] = str(convert_expert(label, path, pretrained_dir, pretrained_visual or {}, root))
     return models
 
@@ -356,7 +356,8 @@ def suite_openclip_source(suite: Path, openclip_dir: str = OPENCLIP_DIR) -> Open
     if not (folder / "model_config.json").is_file():
         raise SuiteError(f"No OpenCLIP export in suite '{suite}': '{folder / 'model_config.json'}' is missing. Build it "
                          "with `python -m fusion_bench_statsmerging.openclip_fixtures SUITE`.")
-    return OpenCLIPSource(None, str(folder / "pretrained.pt"), str(folder / "model_config.json"), str(suite / "pretrained"))
+    return OpenCLIPSource(None, str(folder / "pretrained.pt"), str(folder / "model_config.json"),
+                          str(suite / "pretrained"))
 
 
 def suite_cache(suite: Path, openclip_dir: str, cache_dir: Optional[str]) -> Path:
@@ -385,10 +386,12 @@ class OpenCLIPSuiteTaskPool(CLIPSuiteTaskPool):
 
     def __init__(self, suite_dir: str, openclip_dir: str = OPENCLIP_DIR, cache_dir: Optional[str] = None, **kwargs):
         suite = Path(suite_dir)
-        folder = convert_pretrained(suite_openclip_source(suite, openclip_dir), suite_cache(suite, openclip_dir, cache_dir))
+        source = suite_openclip_source(suite, openclip_dir)
+        folder = convert_pretrained(source, suite_cache(suite, openclip_dir, cache_dir))
         super().__init__(suite_dir, pretrained=str(folder), **kwargs)
 
 
 __all__ = ["OpenCLIPError", "OpenCLIPSource", "OpenCLIPSuiteModelPool", "OpenCLIPSuiteTaskPool", "OpenCLIPTaskPool",
            "OpenCLIPVisionModelPool", "check_expert_visual", "convert_openclip_pool", "convert_pretrained",
-           "export_openclip_processor", "export_openclip_tokenizer", "read_expert_visual", "to_openclip_visual", "visual_part"]
+           "export_openclip_processor", "export_openclip_tokenizer", "read_expert_visual", "to_openclip_visual",
+           "visual_part"]
