@@ -6,9 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
-import pytest
-import torch
+# Before anything imports torchvision (lightning may): let it import beside a torch its compiled ops do not
+# match, here and, through the .pth file, in the fusion_bench subprocesses (torchvision_compat's docstring).
+from fusion_bench_statsmerging import torchvision_compat
+
+torchvision_compat.ensure_installed()
+
+import lightning as L  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -85,3 +91,23 @@ def run_fusion_bench(commands, cwd, env, timeout=600) -> subprocess.CompletedPro
     so the imports are paid once, not once per command."""
     return subprocess.run([sys.executable, "-c", FUSION_BENCH_DRIVER, json.dumps(commands)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_suite_cli_and_check_reports(runs, common, suite, tmp_path) -> None:
+    """Run ``{key: overrides}`` through the real CLI on a suite (offline, a fresh HF cache), each into
+    ``tmp_path/key``, and check every run wrote ``program_report.json`` with an accuracy for each of the
+    suite's tasks and their average."""
+    commands = [[*args, *common, f"path.log_dir={tmp_path / key}"] for key, args in runs.items()]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false", HF_HOME=str(tmp_path / "hf_home"), STATSMERGING_SUITE_DIR=str(suite))
+    proc = run_fusion_bench(commands, tmp_path, env)
+    log = proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0 and "EXIT" not in proc.stdout, log
+    tasks = json.loads((Path(suite) / "tasks.json").read_text())
+    for key in runs:
+        report_path = tmp_path / key / "program_report.json"
+        assert report_path.is_file(), f"{key} wrote no report\n{log}"
+        report = json.loads(report_path.read_text())
+        for task in tasks:
+            assert 0.0 <= report[task]["accuracy"] <= 1.0
+        assert abs(report["average"]["accuracy"] - sum(report[t]["accuracy"] for t in tasks) / len(tasks)) < 1e-6

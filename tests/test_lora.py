@@ -1,7 +1,6 @@
 """LoRA experts (issue 18): statistics from the factors, the LoRA pool's dense experts, and the CLI run."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from safetensors.torch import load_file
 from fusion_bench_statsmerging.engine.lora_stats import lora_delta, lora_factor_statistics
 from fusion_bench_statsmerging.engine.stats import FEATURES, tensor_statistics
 
-from conftest import run_fusion_bench
+from conftest import run_suite_cli_and_check_reports
 
 # Factor entries are O(1); the dense side computes in float32, so near-zero means get an absolute floor.
 RTOL, ATOL = 1e-4, 1e-6
@@ -193,18 +192,4 @@ def test_cli_merges_the_lora_pool_and_evaluates(lora_suite, tmp_path):
               "fabric.accelerator=cpu"]
     runs = {"statsmerging": ["method=statsmerging", "method.data_fraction=0.25"],
             "samerging": ["method=samerging", "method.num_batches_per_task=2"]}
-    commands = [[*args, *common, f"path.log_dir={tmp_path / key}"] for key, args in runs.items()]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", HF_HOME=str(tmp_path / "hf_home"),
-               STATSMERGING_SUITE_DIR=str(lora_suite))
-    proc = run_fusion_bench(commands, tmp_path, env)
-    log = proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert proc.returncode == 0 and "EXIT" not in proc.stdout, log
-    tasks = json.loads((lora_suite / "tasks.json").read_text())
-    for key in runs:
-        report_path = tmp_path / key / "program_report.json"
-        assert report_path.is_file(), f"{key} wrote no report\n{log}"
-        report = json.loads(report_path.read_text())
-        for task in tasks:
-            assert 0.0 <= report[task]["accuracy"] <= 1.0
-        assert abs(report["average"]["accuracy"] - sum(report[t]["accuracy"] for t in tasks) / len(tasks)) < 1e-6
+    run_suite_cli_and_check_reports(runs, common, lora_suite, tmp_path)

@@ -217,4 +217,7 @@ SUITE_BUILDERS = {
     "clip": ("STATSMERGING_SUITE_DIR", "tasks.json",
              "python -m fusion_bench_statsmerging.fixtures.demo --build-only --out DIR (then DIR/suite)"),
     "heads": ("STATSMERGING_HEADS_SUITE_DIR", "suite.json", "python -m fusion_bench_statsmerging.fixtures.heads DIR"),
+    # a CLIP suite's OpenCLIP export (modelpool/taskpool=openclip_suite): same rows as the clip family
+    "openclip": ("STATSMERGING_SUITE_DIR", "openclip/model_config.json",
+                 "python -m fusion_bench_statsmerging.openclip_fixtures DIR [--build]"),
 }

@@ -258,8 +258,9 @@ def suite_problem(ctx: "Context") -> Optional[str]:
     """Why the suite every row would read is unusable, or None: checked once here, since otherwise
     each row starts, loads the host, and fails the same way."""
     pools = (ctx.modelpool, ctx.taskpool)
-    family = "heads" if any(p.startswith("heads_suite") for p in pools) else "clip"
-    if not any(p.startswith(("clip_suite", "heads_suite")) for p in pools):
+    family = ("heads" if any(p.startswith("heads_suite") for p in pools)
+              else "openclip" if any(p.startswith("openclip_suite") for p in pools) else "clip")
+    if not any(p.startswith(("clip_suite", "heads_suite", "openclip_suite")) for p in pools):
         return None
     if any("suite_dir=" in o for o in ctx.extra_overrides):
         return None  # the pools are pointed elsewhere explicitly

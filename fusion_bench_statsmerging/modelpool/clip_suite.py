@@ -87,12 +87,12 @@ class CLIPSuiteModelPool(CLIPVisionModelPool):
     """The host's CLIP vision model pool, filled in from a suite directory."""
 
     def __init__(self, suite_dir: str, tasks: Optional[Sequence[str]] = None,
-                 experts: Optional[Dict[str, str]] = None, **kwargs):
+                 experts: Optional[Dict[str, str]] = None, pretrained: Optional[str] = None, **kwargs):
         suite = Path(suite_dir)
         info = read_suite_tasks(suite)
         register_suite_tasks(info)
         names = _select(list(info), tasks)
-        models = {"_pretrained_": str(suite / "pretrained")}
+        models = {"_pretrained_": str(pretrained or suite / "pretrained")}  # another CLIPModel: the OpenCLIP export
         models.update({t: str(suite / "experts" / t) for t in names})
         models.update(dict(experts or {}))  # swap in other expert directories by task
         super().__init__(
@@ -122,13 +122,13 @@ class CLIPSuiteTaskPool(CLIPVisionModelTaskPool):
     """The host's CLIP classification task pool over a suite's test splits."""
 
     def __init__(self, suite_dir: str, tasks: Optional[Sequence[str]] = None,
-                 split: str = "test", **kwargs):
+                 split: str = "test", pretrained: Optional[str] = None, **kwargs):
         suite = Path(suite_dir)
         info = read_suite_tasks(suite)
         register_suite_tasks(info)
         names = _select(list(info), tasks)
         check_splits(names, split, {t: split_dir(suite, t, split) for t in names}, f"task pool of suite '{suite}'")
-        base = str(suite / "pretrained")
+        base = str(pretrained or suite / "pretrained")  # the CLIPModel whose zero-shot heads score
         kwargs.setdefault("dataloader_kwargs", {"batch_size": 128, "num_workers": 0, "shuffle": False})
         super().__init__(
             _dataset_configs(suite, names, split),
