@@ -8,7 +8,7 @@ from pathlib import Path
 
 # Before anything imports torchvision (lightning may): let it import beside a torch its compiled ops do not
 # match, here and, through the .pth file, in the fusion_bench subprocesses (torchvision_compat's docstring).
-from fusion_bench_statsmerging import torchvision_compat
+from fusion_bench_statsmerging.utils import torchvision_compat
 
 torchvision_compat.ensure_installed()
 

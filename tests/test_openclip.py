@@ -44,8 +44,9 @@ def _inputs(vocab: int = 100, length: int = 24):
 
 @pytest.mark.parametrize("quick_gelu", [True, False])
 def test_openclip_to_transformers_and_back_is_exact(tmp_path, quick_gelu, single_thread):
-    from fusion_bench_statsmerging.openclip_convert import (hf_clip_to_openclip, hf_to_openclip_state_dict,
-                                                            openclip_to_hf_clip)
+    from fusion_bench_statsmerging.modelpool.openclip.convert import (
+        hf_clip_to_openclip, hf_to_openclip_state_dict, openclip_to_hf_clip,
+    )
 
     openclip_model, _ = _tiny_openclip(tmp_path, quick_gelu)
     hf = openclip_to_hf_clip(openclip_model)
@@ -73,8 +74,9 @@ def test_transformers_clip_to_openclip_and_back_is_exact(suite_dir, single_threa
     """The other direction on the tiny suite's CLIPModel and one of its fine-tuned CLIPVisionModel experts."""
     from transformers import CLIPModel, CLIPVisionModel
 
-    from fusion_bench_statsmerging.openclip_convert import (hf_clip_to_openclip, hf_vision_to_openclip,
-                                                            openclip_to_hf_clip, vision_model_from_openclip_visual)
+    from fusion_bench_statsmerging.modelpool.openclip.convert import (
+        hf_clip_to_openclip, hf_vision_to_openclip, openclip_to_hf_clip, vision_model_from_openclip_visual,
+    )
 
     hf = CLIPModel.from_pretrained(suite_dir / "pretrained").eval()
     expert = CLIPVisionModel.from_pretrained(suite_dir / "experts" / "tiny_stripes").eval()
@@ -97,7 +99,7 @@ def test_transformers_clip_to_openclip_and_back_is_exact(suite_dir, single_threa
 def test_non_standard_openclip_architectures_are_refused_by_name():
     from open_clip.model import CLIP
 
-    from fusion_bench_statsmerging.openclip_convert import ConversionError, openclip_to_hf_clip
+    from fusion_bench_statsmerging.modelpool.openclip.convert import ConversionError, openclip_to_hf_clip
 
     layer_scale = dict(TINY, vision_cfg=dict(TINY["vision_cfg"], ls_init_value=0.1))
     with pytest.raises(ConversionError, match="layer scale"):
@@ -110,7 +112,7 @@ def test_non_standard_openclip_architectures_are_refused_by_name():
 @pytest.mark.parametrize("model_name, named", [("ViT-B-32-SigLIP2-256", "custom_text"), ("RN50", "a ResNet"),
                                               ("coca_ViT-B-32", "multimodal_cfg"), ("ViT-B-32-nonexistent", "Unknown")])
 def test_unsupported_openclip_models_are_named_before_any_weight_is_loaded(model_name, named):
-    from fusion_bench_statsmerging.openclip_pool import OpenCLIPSource
+    from fusion_bench_statsmerging.modelpool.openclip.pool import OpenCLIPSource
 
     with pytest.raises(Exception, match=named):
         OpenCLIPSource(model_name, "some-tag").check()  # no download: the tag is never looked up
@@ -122,7 +124,7 @@ def test_exported_tokenizer_gives_openclip_token_ids(tmp_path):
     import open_clip
     from fusion_bench.tasks.clip_classification import get_classnames_and_templates
 
-    from fusion_bench_statsmerging.openclip_pool import export_openclip_tokenizer
+    from fusion_bench_statsmerging.modelpool.openclip.pool import export_openclip_tokenizer
 
     hf_tokenizer = export_openclip_tokenizer("ViT-B-32", 77, tmp_path / "tok")
     classnames, templates = get_classnames_and_templates("dtd")
@@ -139,7 +141,7 @@ def test_exported_tokenizer_gives_openclip_token_ids(tmp_path):
 @pytest.fixture(scope="module")
 def openclip_suite(suite_dir, tmp_path_factory):
     """The tiny CLIP suite (linked, not copied) with its OpenCLIP export under ``openclip/``."""
-    from fusion_bench_statsmerging.openclip_fixtures import export_suite_to_openclip
+    from fusion_bench_statsmerging.fixtures.openclip import export_suite_to_openclip
 
     root = tmp_path_factory.mktemp("tiny_openclip_suite")
     for name in ("pretrained", "experts", "data", "tasks.json"):
@@ -149,7 +151,7 @@ def openclip_suite(suite_dir, tmp_path_factory):
 
 
 def _generic_pool(openclip_suite, tmp_path, experts=None, **kwargs):
-    from fusion_bench_statsmerging.openclip_pool import OpenCLIPVisionModelPool
+    from fusion_bench_statsmerging.modelpool.openclip.pool import OpenCLIPVisionModelPool
 
     folder = openclip_suite / "openclip"
     experts = experts or {t: f"{t}.pt" for t in json.loads((openclip_suite / "tasks.json").read_text())}
@@ -194,7 +196,7 @@ def test_expert_files_in_other_layouts_load_the_same(openclip_suite, tmp_path):
 
 
 def test_missing_expert_file_is_named_before_loading(openclip_suite, tmp_path):
-    from fusion_bench_statsmerging.openclip_pool import OpenCLIPError
+    from fusion_bench_statsmerging.modelpool.openclip.pool import OpenCLIPError
 
     with pytest.raises(OpenCLIPError, match="Expert 'tiny_colors': state-dict file '.*nowhere.pt' does not exist"):
         _generic_pool(openclip_suite, tmp_path, experts={"tiny_colors": "nowhere.pt"})
@@ -202,7 +204,7 @@ def test_missing_expert_file_is_named_before_loading(openclip_suite, tmp_path):
 
 
 def test_expert_of_another_architecture_is_named(openclip_suite, tmp_path):
-    from fusion_bench_statsmerging.openclip_pool import OpenCLIPError
+    from fusion_bench_statsmerging.modelpool.openclip.pool import OpenCLIPError
 
     visual = torch.load(openclip_suite / "openclip" / "experts" / "tiny_colors.pt", weights_only=True)
     visual = {k: v for k, v in visual.items() if "resblocks.1." not in k}  # one layer fewer
@@ -228,7 +230,7 @@ def test_expert_with_another_projection_warns(openclip_suite, tmp_path):
 def test_host_data_free_merge_of_the_openclip_suite_equals_the_transformers_suite(openclip_suite, modelpool):
     from fusion_bench.method import TiesMergingAlgorithm
 
-    from fusion_bench_statsmerging.openclip_pool import OpenCLIPSuiteModelPool
+    from fusion_bench_statsmerging.modelpool.openclip.pool import OpenCLIPSuiteModelPool
 
     pool = OpenCLIPSuiteModelPool(suite_dir=str(openclip_suite))
     assert pool.load_clip_model("_pretrained_").name_or_path.startswith(str(openclip_suite / "openclip" / "converted"))
@@ -237,8 +239,8 @@ def test_host_data_free_merge_of_the_openclip_suite_equals_the_transformers_suit
 
 
 def test_suite_pool_without_export_names_the_command(suite_dir, tmp_path):
-    from fusion_bench_statsmerging.openclip_pool import OpenCLIPSuiteModelPool
-    from fusion_bench_statsmerging.suite import SuiteError
+    from fusion_bench_statsmerging.modelpool.openclip.pool import OpenCLIPSuiteModelPool
+    from fusion_bench_statsmerging.modelpool.clip_suite import SuiteError
 
     with pytest.raises(SuiteError, match="openclip_fixtures"):
         OpenCLIPSuiteModelPool(suite_dir=str(suite_dir), openclip_dir="no_export_here")
@@ -302,7 +304,7 @@ def test_torchvision_and_open_clip_import_in_a_fresh_interpreter_without_loading
     import subprocess
     import sys
 
-    from fusion_bench_statsmerging import torchvision_compat
+    from fusion_bench_statsmerging.utils import torchvision_compat
 
     path = torchvision_compat.pth_path()
     assert path.is_file() and path.read_text() == torchvision_compat.PTH_LINE and path.read_text().startswith("import ")

@@ -219,5 +219,5 @@ SUITE_BUILDERS = {
     "heads": ("STATSMERGING_HEADS_SUITE_DIR", "suite.json", "python -m fusion_bench_statsmerging.fixtures.heads DIR"),
     # a CLIP suite's OpenCLIP export (modelpool/taskpool=openclip_suite): same rows as the clip family
     "openclip": ("STATSMERGING_SUITE_DIR", "openclip/model_config.json",
-                 "python -m fusion_bench_statsmerging.openclip_fixtures DIR [--build]"),
+                 "python -m fusion_bench_statsmerging.fixtures.openclip DIR [--build]"),
 }

@@ -30,8 +30,8 @@ from typing import Dict, Iterator, Mapping, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .errors import UserError
-from .torchvision_compat import install_import_hook
+from ...utils.errors import UserError
+from ...utils.torchvision_compat import install_import_hook
 
 # open_clip imports torchvision: let it import even where the venv's start-up file is missing
 # (torchvision_compat's docstring); stdlib only until torchvision is really imported.

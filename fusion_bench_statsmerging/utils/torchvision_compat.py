@@ -10,7 +10,7 @@ This module declares those two operator *schemas* (no kernels) when, and only wh
 cannot load, so the import succeeds; calling ``torchvision.ops.nms`` then still fails loudly, and
 nothing this plugin runs calls it. The fix has to run before the first ``import torchvision`` in
 every interpreter, the ``fusion_bench`` CLI's included, so ``python -m
-fusion_bench_statsmerging.torchvision_compat`` writes a ``.pth`` file into site-packages that installs
+fusion_bench_statsmerging.utils.torchvision_compat`` writes a ``.pth`` file into site-packages that installs
 an import hook at start-up. The hook is import-light: it costs nothing until torchvision is imported.
 
 Only the standard library is imported at module level: the ``.pth`` line runs in every interpreter.
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import List, Optional
 
 PTH_NAME = "zz_fusion_bench_statsmerging_torchvision_compat.pth"  # after setuptools' __editable__ path files
-PTH_LINE = ("import sys; exec('try:\\n import fusion_bench_statsmerging.torchvision_compat as m\\n"
+PTH_LINE = ("import sys; exec('try:\\n import fusion_bench_statsmerging.utils.torchvision_compat as m\\n"
             " m.install_import_hook()\\nexcept ImportError:\\n pass')\n")
 MISSING_OPS = ("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
                "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
@@ -124,7 +124,7 @@ def ensure_installed() -> Optional[Path]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m fusion_bench_statsmerging.torchvision_compat [SITE_PACKAGES]``: write the ``.pth`` file
+    """``python -m fusion_bench_statsmerging.utils.torchvision_compat [SITE_PACKAGES]``: write the ``.pth`` file
     and check that torchvision now imports in a fresh interpreter."""
     import subprocess
 

@@ -2,7 +2,7 @@
 
 ``_pretrained_`` is an OpenCLIP model (``open_clip.create_model(name, pretrained=TAG_OR_FILE)``, or a
 local checkpoint with a model-config JSON), the experts are fine-tuned OpenCLIP image encoders saved as
-state-dict files. The pools convert them once, exactly (:mod:`.openclip_convert`), into transformers
+state-dict files. The pools convert them once, exactly (:mod:`.convert`), into transformers
 folders in a cache (a full ``CLIPModel`` for the pretrained model, text tower included, and one
 ``CLIPVisionModel`` per expert) and then *are* the host's CLIP pools over those folders: StatsMerging,
 StatsMerging++, SAMerging and the host's data-free methods merge them unchanged, the host's
@@ -34,9 +34,11 @@ from torch import Tensor, nn
 from fusion_bench.modelpool import CLIPVisionModelPool
 from fusion_bench.taskpool import CLIPVisionModelTaskPool
 
-from .openclip_convert import (ConversionError, check_openclip_config, hf_vision_to_openclip, openclip_to_hf_clip,
-                               vision_model_from_openclip_visual)
-from .suite import CLIPSuiteModelPool, CLIPSuiteTaskPool, SuiteError, _select, read_suite_tasks
+from .convert import (
+    ConversionError, check_openclip_config, hf_vision_to_openclip, openclip_to_hf_clip,
+    vision_model_from_openclip_visual,
+)
+from ..clip_suite import CLIPSuiteModelPool, CLIPSuiteTaskPool, SuiteError, _select, read_suite_tasks
 
 CACHE_ENV = "STATSMERGING_OPENCLIP_CACHE"
 DONE = "conversion.json"  # written last: a folder without it is an interrupted conversion
@@ -355,7 +357,7 @@ def suite_openclip_source(suite: Path, openclip_dir: str = OPENCLIP_DIR) -> Open
     folder = suite / openclip_dir
     if not (folder / "model_config.json").is_file():
         raise SuiteError(f"No OpenCLIP export in suite '{suite}': '{folder / 'model_config.json'}' is missing. Build it "
-                         "with `python -m fusion_bench_statsmerging.openclip_fixtures SUITE`.")
+                         "with `python -m fusion_bench_statsmerging.fixtures.openclip SUITE`.")
     return OpenCLIPSource(None, str(folder / "pretrained.pt"), str(folder / "model_config.json"),
                           str(suite / "pretrained"))
 
