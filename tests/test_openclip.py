@@ -242,7 +242,7 @@ def test_suite_pool_without_export_names_the_command(suite_dir, tmp_path):
     from fusion_bench_statsmerging.modelpool.openclip.pool import OpenCLIPSuiteModelPool
     from fusion_bench_statsmerging.modelpool.clip_suite import SuiteError
 
-    with pytest.raises(SuiteError, match="openclip_fixtures"):
+    with pytest.raises(SuiteError, match=r"fusion_bench_statsmerging\.fixtures\.openclip"):
         OpenCLIPSuiteModelPool(suite_dir=str(suite_dir), openclip_dir="no_export_here")
 
 
@@ -324,7 +324,7 @@ def test_compare_on_an_openclip_suite_without_export_names_the_command(suite_dir
             "--out", str(tmp_path / "results")]
     assert compare.main(args) == 2
     err = capsys.readouterr().err
-    assert "openclip/model_config.json' is missing" in err and "openclip_fixtures" in err
+    assert "openclip/model_config.json' is missing" in err and "fusion_bench_statsmerging.fixtures.openclip" in err
     assert not (tmp_path / "results").exists()
 
 
