@@ -87,3 +87,12 @@ def test_gap_is_the_best_statsmerging_row_against_the_best_other_merge():
     ])
     assert tables.gap(results) == ("statsmerging_residual 72.00 vs samerging 70.00: +2.00 "
                                    "(without adamerging_layer_train: no average)")
+
+
+def test_docs_exported_pool_tables_are_the_committed_results():
+    """The OpenCLIP / LoRA tables in docs/benchmarks.md are the rows statsmerging-compare wrote (results.md)."""
+    docs = (REPO_ROOT / "docs" / "benchmarks.md").read_text()
+    for pool in ("dense", "openclip", "lora"):
+        written = (REPO_ROOT / "docs" / "results" / "exported_pools_tiny_cpu" / pool / "results.md").read_text()
+        rows = [line for line in written.splitlines() if line.startswith("|")]
+        assert len(rows) == 10 and "\n".join(rows) in docs, pool  # header, separator, eight rows
