@@ -1,6 +1,6 @@
 """Every model pool we ship names a task pool that evaluates it, and that pair composes.
 
-The dummy-task-pool hint (``method/base.taskpool_hint``) tells users which ``taskpool=`` to add;
+The dummy-task-pool hint (``method/hints.taskpool_hint``) tells users which ``taskpool=`` to add;
 a CLIP pool must be scored with the zero-shot heads of its own CLIP size, or the task pool's
 text tower would not fit the merged vision tower.
 """
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fusion_bench_statsmerging.method.base import EVALUATING_TASKPOOL
+from fusion_bench_statsmerging.method.hints import EVALUATING_TASKPOOL
 
 from conftest import REPO_ROOT
 

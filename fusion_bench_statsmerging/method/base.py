@@ -29,7 +29,9 @@ from fusion_bench.mixins import SimpleProfilerMixin
 from ..utils import artifacts
 from ..engine import distributed
 from ..engine.checkpoint import CHECKPOINT_NAME, Checkpointer, StopFlag, resolve_resume
-from ..utils.errors import UserError
+from ..utils.errors import PoolError, UserError
+from ..engine.inputs import Inputs, num_rows, on_devices, take, take_on, target_logits
+from .hints import check_hub_files, taskpool_hint
 from ..engine.distillation import (
     LOSSES, agreement, distillation_loss, feature_loss, get_protocol, load_labels, num_fit_samples,
     sample_indices,
@@ -45,116 +47,12 @@ log = logging.getLogger(__name__)
 
 ENGINES = ("fused", "host")
 
-# modelpool config name -> the task pool that evaluates it (for the hint below)
-EVALUATING_TASKPOOL = {
-    "clip-vit-base-patch32_TA8": "clip-vit-classification_TA8",
-    "clip-vit-base-patch16_TA8": "clip-vit-classification_TA8_B16",
-    "clip-vit-large-patch14_TA8": "clip-vit-classification_TA8_L14",
-    "clip-vit-base-patch32_TALL14": "clip-vit-classification_TALL14",
-    "clip-vit-base-patch32_TALL20": "clip-vit-classification_TALL20",
-    "clip-vit-base-patch16_TALL14": "clip-vit-classification_TALL14_B16",
-    "clip-vit-base-patch16_TALL20": "clip-vit-classification_TALL20_B16",
-    "clip-vit-large-patch14_TALL14": "clip-vit-classification_TALL14_L14",
-    "clip-vit-large-patch14_TALL20": "clip-vit-classification_TALL20_L14",
-    "clip_suite": "clip_suite",
-    "clip_suite_hetero": "clip_suite",
-    "clip_suite_lora": "clip_suite",
-    "openclip_suite": "openclip_suite",
-    "openclip": "openclip",
-    "openclip-vit-b-32_TA8": "openclip-vit-classification_TA8",
-    "heads_suite": "heads_suite",
-    "heads_suite_hetero": "heads_suite",
-    "clip-vit-base-patch32_TA8_hetero": "clip-vit-classification_TA8",
-    **{pool: "flan-t5_glue_text_generation" for pool in (
-        "flan-t5-base_glue", "flan-t5-base_glue_lora16", "flan-t5-large_glue_lora16",
-        "flan-t5-base_glue_tta", "flan-t5-base_glue_lora16_tta", "flan-t5-large_glue_lora16_tta")},
-}
-
-
-def hydra_choice(group: str) -> str:
-    """The config the user chose for a group (``modelpool=...``), or '' outside a Hydra run."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return str(HydraConfig.get().runtime.choices.get(group, "") or "")
-    except Exception:
-        return ""
-
-
-def check_hub_files(modelpool, program) -> None:
-    """Offline with hub files missing: one error naming them and ``statsmerging-prefetch``, in seconds,
-    instead of a long retry loop ending in a ConnectionError. Local pools need nothing and cost nothing."""
-    from ..utils.prefetch import command_for, needs_of_pools, offline_problem
-
-    needs = needs_of_pools(modelpool, getattr(program, "_taskpool", None))
-    if not needs:
-        return
-    command = command_for(hydra_choice("modelpool") or None, hydra_choice("taskpool") or None)
-    problem = offline_problem(needs, command)
-    if problem:
-        raise PoolError(problem)
-
-
-def taskpool_hint(program) -> Optional[str]:
-    """One line telling the user how to evaluate, when the run composed the host's dummy task pool."""
-    taskpool = getattr(program, "_taskpool", None)
-    if taskpool is None or "DummyTaskPool" not in str(taskpool.get("_target_", "")):
-        return None
-    pool = hydra_choice("modelpool")
-    suggestion = EVALUATING_TASKPOOL.get(str(pool).split("/")[-1], "<a task pool matching the model pool>")
-    return (f"hint: no evaluation task pool was selected (the host's dummy pool only counts parameters); "
-            f"add `taskpool={suggestion}` to evaluate the merged model.")
 OPTIMIZERS = ("adam", "sam")
 # where SAM perturbs: the optimised parameters (learner weights, or free coefficients), or the merging
 # coefficients they produce (sam.OutputPerturbation; the same thing for free coefficients)
 SAM_SPACES = ("parameters", "coefficients")
 AUTOCAST_DTYPES = {None: None, "none": None, "auto": "auto", "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
                    "fp16": torch.float16, "float16": torch.float16}
-
-# Fit inputs of one task: a tensor (images) or a dict of equally long tensors (token ids, masks).
-Inputs = Union[Tensor, Dict[str, Tensor]]
-
-
-def target_logits(targets) -> Tensor:
-    """The teacher logits (or labels) of a task's targets, also when features travel beside them."""
-    return targets["logits"] if isinstance(targets, dict) else targets
-
-
-def take(inputs: Inputs, index) -> Inputs:
-    """Rows ``index`` of a tensor or of every tensor of a dict."""
-    if isinstance(inputs, dict):
-        return {k: v[index] for k, v in inputs.items()}
-    return inputs[index]
-
-
-def tensors_of(inputs) -> List[Tensor]:
-    """The tensors of a tensor or of a (nested) dict of tensors."""
-    if isinstance(inputs, dict):
-        return [t for v in inputs.values() for t in tensors_of(v)]
-    return [inputs] if isinstance(inputs, Tensor) else []
-
-
-def on_devices(index: Tensor, *inputs) -> Dict[torch.device, Tensor]:
-    """``index`` copied once to every device that holds a tensor of ``inputs``."""
-    return {d: index.to(d) for d in {t.device for x in inputs for t in tensors_of(x)}}
-
-
-def take_on(inputs, index: Dict[torch.device, Tensor]):
-    """Rows of a tensor or of every tensor of a (nested) dict, each with the index on its own device."""
-    if isinstance(inputs, dict):
-        return {k: take_on(v, index) for k, v in inputs.items()}
-    return inputs[index[inputs.device]]
-
-
-def num_rows(inputs: Inputs) -> int:
-    if isinstance(inputs, dict):
-        return len(next(iter(inputs.values())))
-    return len(inputs)
-
-
-class PoolError(UserError):
-    """A model pool this method cannot merge, with what to change."""
-
 
 def build_engine(name: str, pretrained: nn.Module, experts: List[nn.Module], **kwargs) -> nn.Module:
     """The reference engine wraps the host's LayerWiseMergedModel; ``fused`` is the fast one."""

@@ -17,7 +17,8 @@ from fusion_bench import auto_register_config
 from fusion_bench.mixins import CLIPClassificationMixin
 
 from ..engine.distillation import load_pixels, teacher_logits
-from .base import CoefficientDistillation, Inputs
+from ..engine.inputs import Inputs
+from .base import CoefficientDistillation
 
 TEACHER_BATCH = 64
 

@@ -48,7 +48,9 @@ from ..engine.batchnorm import (
 )
 from ..models.heads import PerTaskHeadsModel, concat_inputs, inputs_to, read_inputs
 from ..modelpool.heads import save_backbone, save_head
-from .base import CoefficientDistillation, Inputs, PoolError, num_rows, take
+from ..engine.inputs import Inputs, num_rows, take
+from ..utils.errors import PoolError
+from .base import CoefficientDistillation
 
 log = logging.getLogger(__name__)
 

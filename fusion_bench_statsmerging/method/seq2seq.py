@@ -43,7 +43,9 @@ from torch import Tensor, nn
 from fusion_bench import auto_register_config
 from fusion_bench.mixins import LightningFabricMixin
 
-from .base import CoefficientDistillation, Inputs, PoolError, num_rows
+from ..engine.inputs import Inputs, num_rows
+from ..utils.errors import PoolError
+from .base import CoefficientDistillation
 
 log = logging.getLogger(__name__)
 

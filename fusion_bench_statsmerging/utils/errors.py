@@ -56,3 +56,7 @@ class UserError(ValueError):
     def __init__(self, message: str):
         super().__init__(message)
         remember(message)
+
+
+class PoolError(UserError):
+    """A model pool this method cannot merge, with what to change."""
