@@ -17,6 +17,8 @@ from typing import Dict, Optional
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from ..utils.artifacts import save_text
+
 # Host-side calls that block until the device has caught up (each is a pipeline stall).
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
                "cudaMemcpyAsync", "aten::item", "aten::_local_scalar_dense")
@@ -56,8 +58,7 @@ class StepProfiler:
     def _write(self, seconds: float) -> None:
         averages = self._prof.key_averages()
         calls = {e.key: e.count for e in averages if e.key in SYNC_EVENTS}
-        device_attr = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-        device_us = sum(getattr(e, device_attr, 0.0) for e in averages) if self.device.type == "cuda" else None
+        device_us = sum(e.self_device_time_total for e in averages) if self.device.type == "cuda" else None
         self.summary = {
             "profiled_steps": self.steps,
             "ms_per_step_wall": round(1e3 * seconds / self.steps, 3),
@@ -65,9 +66,8 @@ class StepProfiler:
             "blocking_calls_per_step": {k: round(v / self.steps, 2) for k, v in sorted(calls.items())},
             "table": "profile.txt",
         }
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         sort_cpu = averages.table(sort_by="self_cpu_time_total", row_limit=30)
         text = [f"{self.steps} steps, {self.summary['ms_per_step_wall']} ms per step (wall)", "", sort_cpu]
         if self.device.type == "cuda":
             text += ["", averages.table(sort_by="self_cuda_time_total", row_limit=30)]
-        (self.out_dir / "profile.txt").write_text("\n".join(text))
+        save_text(str(self.out_dir / "profile.txt"), "\n".join(text))
