@@ -54,3 +54,26 @@ def test_only_limits_the_candidate_rows():
     assert len(ablation.add_args()) == 2 * len(ablation.CANDIDATES)
     with pytest.raises(SystemExit, match="unknown"):
         ablation.add_args(["no_such_candidate"])
+
+
+def test_a_later_promotion_restores_the_earlier_choice_and_keeps_the_first_backup(tmp_path):
+    first, second = list(ablation.CANDIDATES)[:2]
+    root = _suite(tmp_path, "text", {ablation.MAIN_KEY: (0.5, 0.5), first: (0.6, 0.4), second: (0.7, 0.3)})
+    original = (root / "results.json").read_text()
+    ablation.promote(first, [root])
+    ablation.promote(second, [root])
+    rows = {r["key"]: r for r in json.loads((root / "results.json").read_text())["rows"]}
+    assert sorted(rows) == sorted(["ablation_r_base", first, ablation.MAIN_KEY])
+    assert rows[ablation.MAIN_KEY]["label"] == ablation.CHOSEN_LABEL.format(second)
+    assert rows[ablation.MAIN_KEY]["protocol"] == ablation.MAIN_PROTOCOL
+    assert rows[first]["label"] == first
+    assert json.loads((root / "results.before_promote.json").read_text()) == json.loads(original)
+
+
+def test_promotion_without_a_main_row_names_the_chosen_candidate_the_main_row(tmp_path):
+    keys = list(ablation.CANDIDATES)[:2]
+    root = _suite(tmp_path, "hetero", {keys[0]: (0.5, 0.5), keys[1]: (0.6, 0.4)})
+    ablation.promote(keys[1], [root])
+    assert [r["key"] for r in json.loads((root / "results.json").read_text())["rows"]] == [keys[0], ablation.MAIN_KEY]
+    with pytest.raises(SystemExit, match="no row"):
+        ablation.promote_rows([{"key": keys[0], "label": keys[0]}], keys[1])

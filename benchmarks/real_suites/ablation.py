@@ -111,6 +111,37 @@ def markdown(scores: Mapping[str, Mapping[str, Tuple[Optional[float], Optional[f
     return "\n".join(lines)
 
 
+CHOSEN_LABEL = "StatsMerging-R (chosen on validation: {})"
+# the main row's data protocol (compare.rows.TRAIN_UNLABELED_SELECTED; not imported: no package import here)
+MAIN_PROTOCOL = "label-free train split; unlabeled validation images choose the kept state"
+
+
+def promote_rows(rows: List[dict], chosen: str) -> List[dict]:
+    """The rows with ``chosen`` as the main row (see :func:`promote`); a new list, ``rows`` untouched.
+
+    A main row that an earlier promotion made goes back to its candidate key; a main row that ran as the
+    committed configuration becomes ``ablation_r_base``; a comparison run without a main row (its
+    candidates named every configuration in play) just gets the chosen one as its main row.
+    """
+    if chosen == MAIN_KEY:
+        return [dict(r) for r in rows]
+    if not any(r["key"] == chosen for r in rows):
+        raise SystemExit(f"no row {chosen!r} to promote")
+    out = []
+    for row in rows:
+        row = dict(row)
+        if row["key"] == MAIN_KEY:
+            earlier = next((k for k in CANDIDATES if row["label"] == CHOSEN_LABEL.format(k)), None)
+            if earlier is not None:
+                row["key"] = row["label"] = earlier
+            else:
+                row["key"], row["label"] = "ablation_r_base", "StatsMerging-R as committed before the ablation"
+        elif row["key"] == chosen:  # an --add row has no protocol of its own: the main row's
+            row["key"], row["label"], row["protocol"] = MAIN_KEY, CHOSEN_LABEL.format(chosen), MAIN_PROTOCOL
+        out.append(row)
+    return out
+
+
 def promote(chosen: str, dirs: List[Path]) -> None:
     """Make the chosen candidate's run the main row of each results.json (see the module docstring)."""
     if chosen == MAIN_KEY:
@@ -118,14 +149,10 @@ def promote(chosen: str, dirs: List[Path]) -> None:
     for d in dirs:
         path = d / "results.json"
         results = json.loads(path.read_text())
-        (d / "results.before_promote.json").write_text(json.dumps(results, indent=2))
-        protocol = next((row.get("protocol") for row in results["rows"] if row["key"] == MAIN_KEY), None)
-        for row in results["rows"]:
-            if row["key"] == MAIN_KEY:
-                row["key"], row["label"] = "ablation_r_base", "StatsMerging-R as committed before the ablation"
-            elif row["key"] == chosen:  # the same data protocol as the main row (an --add row has none of its own)
-                row["key"], row["label"] = MAIN_KEY, f"StatsMerging-R (chosen on validation: {chosen})"
-                row["protocol"] = protocol or row.get("protocol")
+        backup = d / "results.before_promote.json"
+        if not backup.exists():  # the comparison's own output is kept once, whatever is promoted later
+            backup.write_text(json.dumps(results, indent=2))
+        results["rows"] = promote_rows(results["rows"], chosen)
         path.write_text(json.dumps(results, indent=2))
 
 

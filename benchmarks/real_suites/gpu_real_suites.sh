@@ -68,10 +68,19 @@ want vision && (python3 "$here/build_vision.py" "$W/vision" --offline --cache "$
   >"$W/build_vision.log" 2>&1; step "built vision rc=$?") &
 want text && (python3 "$here/build_text.py" "$W/text" --offline --cache "$CACHE" --device $DEVICE $BUILD_ARGS \
   >"$W/build_text.log" 2>&1; step "built text rc=$?") &
-# hetero: EfficientNet-Lite0 experts, then their distillation into MobileNetV2 students once, before
-# the comparison's parallel runs all load the cached students
-want hetero && (wait_for vision; python3 "$here/build_hetero_vision.py" "$W/vision" \
+# hetero: EfficientNet-Lite0 experts (fine-tuned as soon as the vision build has written their tasks'
+# splits, beside the rest of that build), then, once the vision suite is complete, their distillation into
+# MobileNetV2 students, once, before the comparison's parallel runs all load the cached students
+data_written() {  # data_written TASK...: every split of each task saved by build_vision.py
+  local t s
+  for t in "$@"; do for s in train validation test; do
+    [ -f "$W/vision/data/$t/$s/state.json" ] || return 1
+  done; done
+}
+want hetero && (if want vision; then until data_written $HETERO_TASKS; do sleep 5; done; sleep 5; fi
+  python3 "$here/build_hetero_vision.py" "$W/vision" \
   --tasks $HETERO_TASKS --offline --cache "$CACHE" --device $DEVICE $BUILD_ARGS >"$W/build_hetero.log" 2>&1 && \
+  wait_for vision && \
   STATSMERGING_HEADS_SUITE_DIR="$W/vision" python3 -m fusion_bench.scripts.cli method=dummy \
     method._target_=fusion_bench_statsmerging.modelpool.heterogeneous.DistillHeterogeneousExperts \
     modelpool=heads_suite_hetero path.log_dir="$W/hetero_distill" >"$W/hetero_distill.log" 2>&1
