@@ -44,8 +44,8 @@ TEXT = {"tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, 
         "b32": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
         "l14": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)}
 # variant -> overrides; a variant whose first override names another method runs that config with its
-# own data budget and schedule (e.g. the recommended StatsMerging-R: 1600 images per task, 10 epochs,
-# SAM, label-free selection on 256 validation images per task)
+# own data budget and schedule (e.g. the recommended StatsMerging-R: 3000 steps on up to 4000 images per
+# task, SAM, label-free selection on 256 validation images per task)
 VARIANTS = {"default": [], "fp32": ["method.autocast=null"], "bf16": ["method.autocast=bf16"],
             "bf16-tv": ["method.autocast=bf16", "method.task_vector_dtype=bfloat16"],
             "residual": ["method=statsmerging_residual"],

@@ -77,3 +77,24 @@ def test_promotion_without_a_main_row_names_the_chosen_candidate_the_main_row(tm
     assert [r["key"] for r in json.loads((root / "results.json").read_text())["rows"]] == [keys[0], ablation.MAIN_KEY]
     with pytest.raises(SystemExit, match="no row"):
         ablation.promote_rows([{"key": keys[0], "label": keys[0]}], keys[1])
+
+
+@pytest.mark.parametrize("key", list(ablation.CANDIDATES))
+def test_every_candidate_composes_over_the_committed_configuration_to_a_schedule(key):
+    """A candidate's overrides are valid Hydra overrides of the committed configuration, each key once,
+    and what they compose to resolves to a training schedule (so a rerun runs what the tables report)."""
+    from hydra import compose, initialize_config_dir
+
+    from fusion_bench_statsmerging.engine.schedule import resolve_schedule
+
+    overrides = list(ablation.CANDIDATES[key][1])
+    assert len({o.split("=", 1)[0] for o in overrides}) == len(overrides)
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "config"), version_base=None):
+        cfg = compose(overrides=["+" + ablation.BASE_CONFIG, *overrides]).method
+    for override in overrides:
+        name, value = override.split("=", 1)
+        got = cfg[name.split(".", 1)[1]]
+        assert (got is None) if value == "null" else str(got).lower() == value.lower() or float(got) == float(value)
+    schedule = resolve_schedule({"a": 1600, "b": 100}, cfg.batch_size, cfg.max_steps, cfg.max_epochs,
+                                cfg.lr_step_size, cfg.lr_step_epochs)
+    assert schedule.max_steps == (3000 if "3k" in key else 1000)

@@ -1,6 +1,7 @@
 """The paper's schedule in epochs, the residual learner of StatsMerging-R, and label-free selection."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,3 +143,21 @@ def test_statsmerging_r_config_composes_and_trains_learner_and_residual(tmp_path
     assert set(report["selection"]["agreement_by_step"]) == {"0", "2", "3"}
 
 
+
+
+def test_fit_data_placement_auto_keeps_a_large_fit_set_in_host_memory(monkeypatch):
+    """``fit_data_on_device: auto`` sends the fit set to the GPU only when it takes at most a quarter of the
+    free memory (the recommended budget is GBs of CLIP pixels); true / false decide; the CPU keeps it."""
+    from fusion_bench_statsmerging.engine import inputs
+    from fusion_bench_statsmerging.utils.errors import UserError
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (16 * 2**30, 24 * 2**30))
+    assert inputs.keep_fit_data_on_device("auto", 3 * 2**30, cuda)
+    assert not inputs.keep_fit_data_on_device("auto", 19 * 2**30, cuda)
+    assert inputs.keep_fit_data_on_device(True, 19 * 2**30, cuda)
+    assert not inputs.keep_fit_data_on_device(False, 1, cuda)
+    assert inputs.keep_fit_data_on_device("auto", 10**12, torch.device("cpu"))
+    assert inputs.nbytes({"a": torch.zeros(4, 3), "b": {"c": torch.zeros(2, dtype=torch.float16)}}) == 52
+    with pytest.raises(UserError, match="fit_data_on_device"):
+        make_algorithm(Path("unused"), None, fit_data_on_device="sometimes")

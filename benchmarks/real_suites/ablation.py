@@ -24,34 +24,48 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
 MAIN_KEY = "statsmerging_residual"
-# The candidates of the first campaigns varied the configuration as committed then: a start at 0 with an
-# unbounded learner output. The second campaign chose the 0.3 start (ablation_r_init03, now committed);
-# the other candidates keep naming the start they ran with, so a rerun measures what the tables report.
-INIT0 = ("method.output=unbounded", "method.init_coefficient=0.0")
 BASE_CONFIG = "method=statsmerging_residual_heads"
-# key -> (what differs from the committed configuration, overrides on top of BASE_CONFIG)
+# Each candidate names every setting it ran with that differs from the configuration committed now, so a
+# rerun measures what the tables report. The first campaigns varied the configuration committed then: a
+# start at 0 with an unbounded learner output, 1600 unlabeled images per task, 10 epochs at a constant
+# learning rate. The second campaign chose the 0.3 start (ablation_r_init03), the third the 3000-step
+# schedule on every train image with it (ablation_r_init03_long3k, committed now).
+INIT0 = {"method.output": "unbounded", "method.init_coefficient": "0.0"}
+INIT03 = {"method.output": "sigmoid", "method.init_coefficient": "0.3"}
+EPOCHS10 = {"method.max_samples_per_task": "1600", "method.max_epochs": "10", "method.max_steps": "null",
+            "method.lr_step_size": "null"}
+ALL_IMAGES = {"method.max_samples_per_task": "null"}
+STEPS3K = {"method.max_samples_per_task": "null", "method.max_steps": "3000", "method.lr_step_size": "2000"}
+
+
+def _overrides(*parts: Mapping[str, str]) -> Tuple[str, ...]:
+    """Hydra overrides of the merged settings (a later part wins; each key once, as Hydra wants)."""
+    merged: Dict[str, str] = {}
+    for part in parts:
+        merged.update(part)
+    return tuple(f"{k}={v}" for k, v in merged.items())
+
+
+# key -> (what differs from the configuration committed when the candidate ran, overrides on BASE_CONFIG)
 CANDIDATES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
-    "ablation_r_last": ("last state instead of label-free validation selection", (*INIT0, "method.select_by=last")),
+    "ablation_r_last": ("last state instead of label-free validation selection",
+                        _overrides(INIT0, EPOCHS10, {"method.select_by": "last"})),
     "ablation_r_feat": ("plus feature distillation: relative squared error to each expert's backbone output "
-                        "(weight 1)", (*INIT0, "method.feature_weight=1.0")),
+                        "(weight 1)", _overrides(INIT0, EPOCHS10, {"method.feature_weight": "1.0"})),
     "ablation_r_nores": ("no residual: the learner alone (StatsMerging with the same recipe)",
-                         (*INIT0, "method.residual=false")),
+                         _overrides(INIT0, EPOCHS10, {"method.residual": "false"})),
     "ablation_r_init03": ("start at 0.3 (task arithmetic; sigmoid output in (0, 1)) instead of 0, unbounded "
-                          "(committed since the second campaign)",
-                          ("method.output=sigmoid", "method.init_coefficient=0.3")),
+                          "(committed from the second campaign to the third)", _overrides(INIT03, EPOCHS10)),
     "ablation_r_long": ("all unlabeled train images, 10 epochs over the largest task (2.5x the steps on vision)",
-                        (*INIT0, "method.max_samples_per_task=null")),
+                        _overrides(INIT0, EPOCHS10, ALL_IMAGES)),
     "ablation_r_long_feat": ("all unlabeled train images and feature distillation (weight 1) together",
-                             (*INIT0, "method.max_samples_per_task=null", "method.feature_weight=1.0")),
+                             _overrides(INIT0, EPOCHS10, ALL_IMAGES, {"method.feature_weight": "1.0"})),
     "ablation_r_long3k": ("all unlabeled train images, 3000 steps (3x), learning rate x0.1 for the last 1000",
-                          (*INIT0, "method.max_samples_per_task=null", "method.max_steps=3000",
-                           "method.lr_step_size=2000")),
-    "ablation_r_init03_long3k": ("the 0.3 start and the 3000-step schedule on all train images together",
-                                 ("method.output=sigmoid", "method.init_coefficient=0.3",
-                                  "method.max_samples_per_task=null", "method.max_steps=3000",
-                                  "method.lr_step_size=2000")),
+                          _overrides(INIT0, STEPS3K)),
+    "ablation_r_init03_long3k": ("the 0.3 start and the 3000-step schedule on all train images together "
+                                 "(committed since the third campaign)", _overrides(INIT03, STEPS3K)),
     "ablation_r_csam": ("SAM perturbs the merging coefficients, not the learner's weights (sam_space: coefficients)",
-                        (*INIT0, "method.sam_space=coefficients")),
+                        _overrides(INIT0, EPOCHS10, {"method.sam_space": "coefficients"})),
 }
 
 

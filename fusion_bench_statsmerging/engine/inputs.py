@@ -50,3 +50,29 @@ def num_rows(inputs: Inputs) -> int:
     if isinstance(inputs, dict):
         return len(next(iter(inputs.values())))
     return len(inputs)
+
+
+# "auto" keeps the fit set on the GPU when it takes at most this share of the GPU's free memory
+FIT_DATA_DEVICE_SHARE = 0.25
+
+
+def nbytes(inputs) -> int:
+    """Bytes held by the tensors of a tensor or of a (nested) dict of tensors."""
+    return sum(t.numel() * t.element_size() for t in tensors_of(inputs))
+
+
+def keep_fit_data_on_device(setting, data_bytes: int, device: torch.device,
+                            share: float = FIT_DATA_DEVICE_SHARE) -> bool:
+    """Whether the fit set goes to ``device`` once (no copy per step) or stays in host memory.
+
+    ``True`` / ``False`` decide; ``"auto"`` places it when it takes at most ``share`` of the accelerator's
+    free memory, so a large budget (thousands of 224-pixel images per task: GBs) leaves room for the merge
+    on a small GPU instead of running out of memory. On the CPU the data is already there.
+    """
+    if setting != "auto":
+        return bool(setting)
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return data_bytes <= share * free
+

@@ -30,7 +30,8 @@ from ..utils import artifacts
 from ..engine import distributed
 from ..engine.checkpoint import CHECKPOINT_NAME, Checkpointer, StopFlag, resolve_resume
 from ..utils.errors import PoolError, UserError
-from ..engine.inputs import Inputs, num_rows, on_devices, take, take_on, target_logits
+from ..engine.inputs import (Inputs, keep_fit_data_on_device, nbytes, num_rows, on_devices, take, take_on,
+                             target_logits)
 from .hints import check_hub_files, taskpool_hint
 from ..engine.distillation import (
     LOSSES, agreement, distillation_loss, feature_loss, get_protocol, load_labels, num_fit_samples,
@@ -111,7 +112,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         save_merged_model: bool = False,
         checkpoint_every: int = 100,
         resume: Union[bool, str, None] = False,
-        fit_data_on_device: bool = True,
+        fit_data_on_device: Union[bool, str] = "auto",
         profile_steps: int = 0,
         **kwargs,
     ):
@@ -141,6 +142,8 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             raise UserError(f"Unknown select_by '{select_by}'; choose one of {list(SELECTIONS)}.")
         if int(checkpoint_every) < 0:
             raise UserError(f"checkpoint_every must be >= 0 (0: only on SIGINT/SIGTERM), got {checkpoint_every}.")
+        if fit_data_on_device not in (True, False, "auto"):
+            raise UserError(f"fit_data_on_device must be true, false or auto, got {fit_data_on_device!r}.")
         if int(profile_steps) < 0:
             raise UserError(f"profile_steps must be >= 0 (0: no profile), got {profile_steps}.")
         if int(select_every) < 1 or int(select_samples) < 1:
@@ -494,9 +497,13 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
                                               self.max_steps, self.max_epochs, self.lr_step_size,
                                               self.lr_step_epochs)
             log.info("%s: schedule %s", self.method_label, self._schedule.as_dict())
-            if self.fit_data_on_device:  # a few hundred MB at most; saves a copy per step
+            size = nbytes(pixels) + nbytes(targets)
+            if keep_fit_data_on_device(self.fit_data_on_device, size, self.fabric.device):  # no copy per step
                 pixels = {t: self.fabric.to_device(p) for t, p in pixels.items()}
                 targets = {t: self.fabric.to_device(v) for t, v in targets.items()}
+            elif self.fabric.device.type != "cpu":
+                log.info("%s: the fit set (%.1f GB) stays in host memory (fit_data_on_device=%s); each "
+                         "step copies its batch", self.method_label, size / 1e9, self.fit_data_on_device)
         with self.profile("task vectors"):
             dtype = getattr(torch, self.task_vector_dtype) if self.task_vector_dtype else None
             engine = build_engine(self.merge_engine, pretrained, [experts[n] for n in names],
