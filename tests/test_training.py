@@ -176,3 +176,22 @@ def test_profile_steps_writes_a_profile_of_the_training_loop(tmp_path, modelpool
     assert "Self CPU" in table and "aten::" in table
     with pytest.raises(UserError, match="profile_steps"):
         make_algorithm(tmp_path / "bad", cpu_fabric, profile_steps=-1)
+
+
+def test_a_run_shorter_than_the_profile_window_still_reports(tmp_path):
+    """A run that ends inside the window is profiled over the steps it had; one that ends before the
+    warm-up says so, instead of leaving no profile and no word."""
+    from fusion_bench_statsmerging.engine.profiling import WARMUP_STEPS, StepProfiler
+
+    inside = StepProfiler(10, str(tmp_path / "inside"), torch.device("cpu"))
+    for step in range(1, WARMUP_STEPS + 3):
+        torch.ones(8).sum()
+        inside.after_step(step)
+    inside.finish(WARMUP_STEPS + 2)
+    assert inside.summary["profiled_steps"] == 2 and (tmp_path / "inside" / "profile.txt").is_file()
+    early = StepProfiler(10, str(tmp_path / "early"), torch.device("cpu"))
+    for step in range(1, 3):
+        early.after_step(step)
+    early.finish(2)
+    assert early.summary["profiled_steps"] == 0 and "warm-up" in early.summary["note"]
+    assert not (tmp_path / "early").exists()

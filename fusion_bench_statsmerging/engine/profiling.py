@@ -49,25 +49,42 @@ class StepProfiler:
             self._prof.__enter__()
             self._start = time.perf_counter()
         elif self._prof is not None and step == WARMUP_STEPS + self.steps:
-            self._sync()
-            seconds = time.perf_counter() - self._start
-            self._prof.__exit__(None, None, None)
-            self._write(seconds)
-            self._prof = None
+            self._close(self.steps)
 
-    def _write(self, seconds: float) -> None:
+    def finish(self, step: int) -> None:
+        """After the loop (``step`` steps run): a run that ended inside the window is profiled over the steps
+        it had; one that ended before the warm-up says so in the summary instead of leaving it empty."""
+        if self.steps <= 0:
+            return
+        if self._prof is not None:
+            self._close(step - WARMUP_STEPS)
+        elif not self.summary:
+            self.summary = {"profiled_steps": 0,
+                            "note": f"the run had {step} steps, not more than the {WARMUP_STEPS} warm-up steps"}
+
+    def _close(self, count: int) -> None:
+        self._sync()
+        seconds = time.perf_counter() - self._start
+        self._prof.__exit__(None, None, None)
+        if count > 0:
+            self._write(seconds, count)
+        else:
+            self.summary = {"profiled_steps": 0, "note": "the run ended as the profile's window opened"}
+        self._prof = None
+
+    def _write(self, seconds: float, count: int) -> None:
         averages = self._prof.key_averages()
         calls = {e.key: e.count for e in averages if e.key in SYNC_EVENTS}
         device_us = sum(e.self_device_time_total for e in averages) if self.device.type == "cuda" else None
         self.summary = {
-            "profiled_steps": self.steps,
-            "ms_per_step_wall": round(1e3 * seconds / self.steps, 3),
-            "ms_per_step_device_busy": None if device_us is None else round(device_us / 1e3 / self.steps, 3),
-            "blocking_calls_per_step": {k: round(v / self.steps, 2) for k, v in sorted(calls.items())},
+            "profiled_steps": count,
+            "ms_per_step_wall": round(1e3 * seconds / count, 3),
+            "ms_per_step_device_busy": None if device_us is None else round(device_us / 1e3 / count, 3),
+            "blocking_calls_per_step": {k: round(v / count, 2) for k, v in sorted(calls.items())},
             "table": "profile.txt",
         }
         sort_cpu = averages.table(sort_by="self_cpu_time_total", row_limit=30)
-        text = [f"{self.steps} steps, {self.summary['ms_per_step_wall']} ms per step (wall)", "", sort_cpu]
+        text = [f"{count} steps, {self.summary['ms_per_step_wall']} ms per step (wall)", "", sort_cpu]
         if self.device.type == "cuda":
             text += ["", averages.table(sort_by="self_cuda_time_total", row_limit=30)]
         save_text(str(self.out_dir / "profile.txt"), "\n".join(text))

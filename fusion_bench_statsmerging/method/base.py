@@ -452,7 +452,8 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
                                    scheduler, best, history)
             if profiler is not None:
                 profiler.after_step(step + 1 - start)
-        if profiler is not None and profiler.summary:
+        if profiler is not None:
+            profiler.finish(steps - start)
             self._profile = profiler.summary
         if best is not None:
             best.restore(coefficient_module)
