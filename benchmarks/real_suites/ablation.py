@@ -64,6 +64,10 @@ CANDIDATES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
                           _overrides(INIT0, STEPS3K)),
     "ablation_r_init03_long3k": ("the 0.3 start and the 3000-step schedule on all train images together "
                                  "(committed since the third campaign)", _overrides(INIT03, STEPS3K)),
+    "ablation_r_init03_long3k_feat": ("the committed configuration plus feature distillation (weight 1): led "
+                                      "text and real-image validation with the start at 0 (first campaign); not "
+                                      "yet run with the 0.3 start", _overrides(INIT03, STEPS3K,
+                                                                              {"method.feature_weight": "1.0"})),
     "ablation_r_csam": ("SAM perturbs the merging coefficients, not the learner's weights (sam_space: coefficients)",
                         _overrides(INIT0, EPOCHS10, {"method.sam_space": "coefficients"})),
 }
