@@ -75,4 +75,3 @@ def keep_fit_data_on_device(setting, data_bytes: int, device: torch.device,
         return True
     free, _ = torch.cuda.mem_get_info(device)
     return data_bytes <= share * free
-
