@@ -75,8 +75,20 @@ def test_promotion_without_a_main_row_names_the_chosen_candidate_the_main_row(tm
     root = _suite(tmp_path, "hetero", {keys[0]: (0.5, 0.5), keys[1]: (0.6, 0.4)})
     ablation.promote(keys[1], [root])
     assert [r["key"] for r in json.loads((root / "results.json").read_text())["rows"]] == [keys[0], ablation.MAIN_KEY]
-    with pytest.raises(SystemExit, match="no row"):
+    with pytest.raises(ValueError, match="no row"):
         ablation.promote_rows([{"key": keys[0], "label": keys[0]}], keys[1])
+
+
+def test_a_promotion_a_folder_cannot_take_writes_no_folder(tmp_path):
+    """The chosen candidate missing from one folder: the error names it and no folder is changed."""
+    keys = list(ablation.CANDIDATES)[:2]
+    good = _suite(tmp_path, "vision", {ablation.MAIN_KEY: (0.5, 0.5), keys[0]: (0.6, 0.4)})
+    bad = _suite(tmp_path, "text", {ablation.MAIN_KEY: (0.5, 0.5), keys[1]: (0.6, 0.4)})
+    before = (good / "results.json").read_text()
+    with pytest.raises(SystemExit, match=f"{bad}: no row '{keys[0]}' to promote; nothing was promoted"):
+        ablation.promote(keys[0], [good, bad])
+    assert (good / "results.json").read_text() == before
+    assert not (good / "results.before_promote.json").exists() and not (bad / "results.before_promote.json").exists()
 
 
 @pytest.mark.parametrize("key", list(ablation.CANDIDATES))

@@ -115,3 +115,9 @@ def test_docs_exported_pool_tables_are_the_committed_results():
         written = (REPO_ROOT / "docs" / "results" / "exported_pools_tiny_cpu" / pool / "results.md").read_text()
         rows = [line for line in written.splitlines() if line.startswith("|")]
         assert len(rows) == 10 and "\n".join(rows) in docs, pool  # header, separator, eight rows
+
+
+def test_tables_names_a_missing_results_file(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        tables.main([str(tmp_path / "results.json"), "--gap"])
+    assert f"{tmp_path / 'results.json'} does not exist" in capsys.readouterr().err.strip().splitlines()[-1]

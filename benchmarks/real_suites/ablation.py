@@ -12,7 +12,8 @@ reads validation only: the candidate with the best validation average over the g
 
 ``--promote`` renames rows in each ``results.json`` (backup ``results.before_promote.json``): the
 chosen candidate becomes ``statsmerging_residual`` and the run that had that key becomes
-``ablation_r_base``; nothing is rerun, and only validation scores have chosen the candidate.
+``ablation_r_base``; nothing is rerun, and only validation scores have chosen the candidate. Every folder
+is checked before any is written (atomically), so a folder without the candidate changes none.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import json
 import shlex
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
+
+from fusion_bench_statsmerging.compare.rows import TRAIN_UNLABELED_SELECTED  # plain constants, no torch
 
 MAIN_KEY = "statsmerging_residual"
 BASE_CONFIG = "method=statsmerging_residual_heads"
@@ -130,8 +133,7 @@ def markdown(scores: Mapping[str, Mapping[str, Tuple[Optional[float], Optional[f
 
 
 CHOSEN_LABEL = "StatsMerging-R (chosen on validation: {})"
-# the main row's data protocol (compare.rows.TRAIN_UNLABELED_SELECTED; not imported: no package import here)
-MAIN_PROTOCOL = "label-free train split; unlabeled validation images choose the kept state"
+MAIN_PROTOCOL = TRAIN_UNLABELED_SELECTED  # the main row's data protocol (an --add row has none of its own)
 
 
 def promote_rows(rows: List[dict], chosen: str) -> List[dict]:
@@ -144,7 +146,7 @@ def promote_rows(rows: List[dict], chosen: str) -> List[dict]:
     if chosen == MAIN_KEY:
         return [dict(r) for r in rows]
     if not any(r["key"] == chosen for r in rows):
-        raise SystemExit(f"no row {chosen!r} to promote")
+        raise ValueError(f"no row {chosen!r} to promote")
     out = []
     for row in rows:
         row = dict(row)
@@ -162,16 +164,22 @@ def promote_rows(rows: List[dict], chosen: str) -> List[dict]:
 
 def promote(chosen: str, dirs: List[Path]) -> None:
     """Make the chosen candidate's run the main row of each results.json (see the module docstring)."""
+    from fusion_bench_statsmerging.utils.artifacts import save_json  # atomic; imports torch, so only here
+
     if chosen == MAIN_KEY:
         return
-    for d in dirs:
-        path = d / "results.json"
-        results = json.loads(path.read_text())
+    loaded, promoted = {}, {}
+    for d in dirs:  # every folder is checked before any is written: a promotion is all or nothing
+        loaded[d] = json.loads((d / "results.json").read_text())
+        try:
+            promoted[d] = promote_rows(loaded[d]["rows"], chosen)
+        except ValueError as e:
+            raise SystemExit(f"{d}: {e}; nothing was promoted") from None
+    for d, results in loaded.items():
         backup = d / "results.before_promote.json"
         if not backup.exists():  # the comparison's own output is kept once, whatever is promoted later
-            backup.write_text(json.dumps(results, indent=2))
-        results["rows"] = promote_rows(results["rows"], chosen)
-        path.write_text(json.dumps(results, indent=2))
+            save_json(backup, results)
+        save_json(d / "results.json", {**results, "rows": promoted[d]})
 
 
 def main(argv=None) -> None:

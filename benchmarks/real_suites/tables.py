@@ -77,6 +77,9 @@ def main(argv=None) -> None:
     parser.add_argument("--manifest", type=Path, help="the suite's manifest.json (adds the reference rows)")
     parser.add_argument("--gap", action="store_true", help="print only the best statsmerging row's margin")
     args = parser.parse_args(argv)
+    for path in (args.results, args.manifest):
+        if path is not None and not path.is_file():
+            parser.error(f"{path} does not exist (results.json: statsmerging-compare's output; manifest.json: the builder's)")
     manifest = json.loads(args.manifest.read_text()) if args.manifest else None
     results = json.loads(args.results.read_text())
     print(gap(results) if args.gap else table(results, manifest))

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-INPUT_KINDS = ("image", "text")
+from ..engine.inputs import Inputs
 
-Inputs = Union[Tensor, Dict[str, Tensor]]
+INPUT_KINDS = ("image", "text")
 
 
 class HeadsBackbone(nn.Module):
