@@ -41,7 +41,7 @@ from fusion_bench.mixins import LightningFabricMixin
 
 from ..utils import artifacts
 from ..engine import distributed
-from ..utils.errors import UserError
+from ..utils.errors import PoolError, UserError
 from ..engine.batchnorm import (
     BatchNormMerger, batch_statistics, batchnorm_with_stats, batchnorm_layers, mixed_batches,
     reestimate_batchnorm, running_stats,
@@ -49,7 +49,6 @@ from ..engine.batchnorm import (
 from ..models.heads import PerTaskHeadsModel, concat_inputs, inputs_to, read_inputs
 from ..modelpool.heads import save_backbone, save_head
 from ..engine.inputs import Inputs, num_rows, take
-from ..utils.errors import PoolError
 from .base import CoefficientDistillation
 
 log = logging.getLogger(__name__)
