@@ -104,9 +104,15 @@ def test_every_candidate_composes_over_the_committed_configuration_to_a_schedule
     with initialize_config_dir(config_dir=str(REPO_ROOT / "config"), version_base=None):
         cfg = compose(overrides=["+" + ablation.BASE_CONFIG, *overrides]).method
     for override in overrides:
-        name, value = override.split("=", 1)
-        got = cfg[name.split(".", 1)[1]]
-        assert (got is None) if value == "null" else str(got).lower() == value.lower() or float(got) == float(value)
+        assert ablation.override_holds(cfg, override), override
     schedule = resolve_schedule({"a": 1600, "b": 100}, cfg.batch_size, cfg.max_steps, cfg.max_epochs,
                                 cfg.lr_step_size, cfg.lr_step_epochs)
     assert schedule.max_steps == (3000 if "3k" in key else 1000)
+
+
+def test_override_holds_reads_null_numbers_strings_and_booleans():
+    config = {"a": None, "b": 3000, "c": "sigmoid", "d": False, "e": 0.3}
+    assert all(ablation.override_holds(config, o) for o in
+               ("method.a=null", "method.b=3000", "method.c=sigmoid", "method.d=false", "method.e=0.3"))
+    assert not any(ablation.override_holds(config, o) for o in
+                   ("method.a=1", "method.b=null", "method.b=2000", "method.c=unbounded", "method.d=true", "method.e=0"))

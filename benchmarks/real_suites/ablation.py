@@ -76,6 +76,20 @@ CANDIDATES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
 }
 
 
+def override_holds(config: Mapping, override: str) -> bool:
+    """Whether ``config`` (a method's config) has the value a ``method.key=value`` override sets."""
+    name, value = override.split("=", 1)
+    got = config[name.split(".", 1)[1]]
+    if value == "null":
+        return got is None
+    if str(got).lower() == value.lower():  # strings, and booleans as Hydra spells them
+        return True
+    try:
+        return float(got) == float(value)
+    except (TypeError, ValueError):
+        return False
+
+
 def add_args(only: Optional[List[str]] = None) -> List[str]:
     """``--add KEY=OVERRIDES`` arguments of statsmerging-compare, one per candidate (or per candidate in ``only``)."""
     unknown = sorted(set(only or []) - set(CANDIDATES))
