@@ -197,6 +197,11 @@ def main(argv=None) -> int:
     p.add_argument("--profile", type=int, default=0,
                    help="profile that many training steps of each run (method.profile_steps); profile.txt per run")
     a = p.parse_args(argv)
+    if a.profile < 0:  # checked here, before the suite is built, not by the method after it
+        p.error(f"--profile must be >= 0 (0: no profile), got {a.profile}")
+    unknown = [v for v in a.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
     a.out.mkdir(parents=True, exist_ok=True)
     build_s = build_suite(a.out, a.model, a.experts, a.fit_images, a.seed)
     print(f"suite built in {build_s:.1f}s", flush=True)

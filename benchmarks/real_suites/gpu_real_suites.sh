@@ -77,7 +77,24 @@ data_written() {  # data_written TASK...: every split of each task saved by buil
     [ -f "$W/vision/data/$t/$s/state.json" ] || return 1
   done; done
 }
-want hetero && (if want vision; then until data_written $HETERO_TASKS; do sleep 5; done; sleep 5; fi
+# waits for those splits, and stops (with the reason as the hetero step's line) on a task the vision suite
+# does not have or a vision build that ended without writing them
+wait_for_splits() {
+  local t
+  until data_written $HETERO_TASKS; do
+    if [ -f "$W/vision/tasks.json" ]; then
+      for t in $HETERO_TASKS; do
+        grep -q "\"$t\"" "$W/vision/tasks.json" || { step "built hetero rc=2 ($t is not a task of the vision suite)"; return 1; }
+      done
+    fi
+    if tail -n +$((START + 1)) "$W/status" | grep -q "^[0-9:]* built vision" && ! data_written $HETERO_TASKS; then
+      step "built hetero rc=2 (the vision build ended without the splits of $HETERO_TASKS)"; return 1
+    fi
+    sleep 5
+  done
+  sleep 5
+}
+want hetero && (if want vision; then wait_for_splits || exit 1; fi
   python3 "$here/build_hetero_vision.py" "$W/vision" \
   --tasks $HETERO_TASKS --offline --cache "$CACHE" --device $DEVICE $BUILD_ARGS >"$W/build_hetero.log" 2>&1 && \
   wait_for vision && \
