@@ -52,6 +52,8 @@ VARIANTS = {"default": [], "fp32": ["method.autocast=null"], "bf16": ["method.au
             # issue 16's scaling figure: the same merge data-parallel over two devices (global batch unchanged)
             "ddp2": ["fabric.devices=2", "fabric.strategy=ddp"]}
 VALIDATION_IMAGES = 256
+# where the training loop's wall time went (the method report's "loop", engine/profiling.LoopClock)
+LOOP_BUCKETS = ("steps", "first step", "profiled steps", "profiler", "logging", "selection", "checkpoints")
 NUM_CLASSES = 10
 TEMPLATES = ["a photo of a {}.", "an image of a {}."]
 
@@ -165,6 +167,7 @@ def run_variant(root: Path, name: str, overrides: List[str], steps: int, fit_ima
             "steps": done, "ms_per_step": round(1000 * training / done, 2) if training and done else None,
             "final_loss": report["final_loss"], "command": " ".join(cmd),
             "world_size": report.get("distributed", {}).get("world_size", 1),
+            **({"loop": report["loop"]} if "loop" in report else {}),
             **({"profile": report["profile"]} if "profile" in report else {})}
 
 
@@ -172,15 +175,19 @@ def markdown(results: List[Dict], meta: Dict) -> str:
     phases = ["load models", "task heads", "teacher targets", "task vectors", "coefficient module", "training"]
     lines = [f"K={meta['experts']} experts, model {meta['model']}, {meta['fit_images']} fit images/task, "
              f"{meta['steps']} steps, device {meta['device']}", "",
-             "| variant | method total (s) | " + " | ".join(phases) + " | steps | ms/step | process wall (s) |",
-             "|---" * (len(phases) + 5) + "|"]
+             "| variant | method total (s) | " + " | ".join(phases) + " | steps | ms/step | steady ms/step "
+             "| loop seconds (steps / first step / profiled / profiler / logging / selection / checkpoints) | process wall (s) |",
+             "|---" * (len(phases) + 7) + "|"]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['variant']} | failed: {r['error'].strip().splitlines()[-1][:80]} |")
             continue
         cells = [f"{r['phase_seconds'].get(p, float('nan')):.1f}" for p in phases]
+        loop = r.get("loop", {})
+        split = " / ".join(f"{loop.get('seconds', {}).get(k, 0.0):.1f}" for k in LOOP_BUCKETS)
         lines.append(f"| {r['variant']} | {r['method_seconds']:.1f} | " + " | ".join(cells)
-                     + f" | {r['steps']} | {r['ms_per_step']} | {r['process_wall_s']:.1f} |")
+                     + f" | {r['steps']} | {r['ms_per_step']} | {loop.get('ms_per_step_steady')} | {split} "
+                     f"| {r['process_wall_s']:.1f} |")
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """StatsMerging trains only its learner, through the merged model, without labels by default."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -174,8 +175,32 @@ def test_profile_steps_writes_a_profile_of_the_training_loop(tmp_path, modelpool
     assert profile["profiled_steps"] == 2 and profile["ms_per_step_wall"] > 0
     table = (tmp_path / "artifacts" / "profile.txt").read_text()
     assert "Self CPU" in table and "aten::" in table
+    # the loop's clock bills every step once: the first, the profiled ones, the steady rest
+    loop = report["loop"]
+    assert loop["steps"] == {"first step": 1, "steps": (WARMUP_STEPS + 3) - 1 - 2, "profiled steps": 2}
+    assert loop["ms_per_step_steady"] > 0 and loop["seconds"]["logging"] > 0 and loop["seconds"]["profiler"] > 0
     with pytest.raises(UserError, match="profile_steps"):
         make_algorithm(tmp_path / "bad", cpu_fabric, profile_steps=-1)
+
+
+def test_loop_clock_bills_time_and_steps_to_the_bucket_of_each_lap():
+    """Steps between two laps go to the lap's bucket; a lap with no steps (logging) bills time only."""
+    from fusion_bench_statsmerging.engine.profiling import LoopClock
+
+    clock = LoopClock(torch.device("cpu"))
+    for _ in range(3):
+        clock.step_done()
+    time.sleep(0.03)
+    clock.lap("steps")
+    time.sleep(0.01)
+    clock.lap("logging")
+    clock.step_done()
+    clock.lap("first step")
+    summary = clock.summary()
+    assert summary["steps"] == {"steps": 3, "first step": 1}
+    assert summary["seconds"]["steps"] >= 0.03 and summary["seconds"]["logging"] >= 0.01
+    assert summary["ms_per_step_steady"] == pytest.approx(1e3 * summary["seconds"]["steps"] / 3, abs=0.2)  # seconds are rounded to ms
+    assert LoopClock(torch.device("cpu")).summary()["ms_per_step_steady"] is None
 
 
 def test_a_run_shorter_than_the_profile_window_still_reports(tmp_path):
@@ -195,3 +220,28 @@ def test_a_run_shorter_than_the_profile_window_still_reports(tmp_path):
     early.finish(2)
     assert early.summary["profiled_steps"] == 0 and "warm-up" in early.summary["note"]
     assert not (tmp_path / "early").exists()
+
+
+def test_threaded_preprocessing_gives_the_sequential_pixels(tmp_path):
+    """Images are preprocessed in parallel chunks (PIL and numpy release the GIL): the pixels, their
+    order and dtype do not depend on the number of threads."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    from fusion_bench_statsmerging.engine.distillation import load_pixels
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (20 + i % 7, 24, 3), dtype=np.uint8)) for i in range(37)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    datasets.Dataset.from_dict({"image": images, "label": [0] * 37}, features=features).save_to_disk(str(tmp_path))
+    ds = datasets.load_from_disk(str(tmp_path))
+    processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    indices = [3, 0, 36, 5, 17, 22, 9, 30, 11, 1]
+    one = load_pixels(ds, indices, processor, batch_size=3, threads=1)
+    four = load_pixels(ds, indices, processor, batch_size=3, threads=4)
+    assert one.shape == (10, 3, 16, 16) and one.dtype == torch.float16
+    assert torch.equal(one, four)
+    single = processor(images=[images[3].convert("RGB")], return_tensors="pt")["pixel_values"].to(torch.float16)
+    assert torch.equal(four[:1], single)  # the first index's image comes first

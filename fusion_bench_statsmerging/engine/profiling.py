@@ -11,6 +11,7 @@ and summarised in the method's JSON report.
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -25,6 +26,43 @@ SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynch
 WARMUP_STEPS = 5  # the first steps pay for allocation and kernel selection; profile after them
 
 
+class LoopClock:
+    """Wall seconds of the training loop by what they went to: steps, logging, selection, checkpoints.
+
+    Work on a GPU is queued, so host time alone would bill a step's wait to whatever reads a result
+    next (the logger's ``.item()``). Each :meth:`lap` therefore waits for the device first; laps
+    are taken only where the loop waits anyway (every ``log_every`` steps, at selection and
+    checkpoints), so the clock adds no stall of its own. ``steps`` excludes the first step (lazy
+    allocation and kernel selection) and the profiled steps (the profiler slows them): it is the
+    loop's steady step, the one to compare with ``benchmarks/merge_speed.py``.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: Dict[str, float] = defaultdict(float)
+        self.counts: Dict[str, int] = defaultdict(int)
+        self._pending = 0
+        self._last = time.perf_counter()
+
+    def step_done(self) -> None:
+        self._pending += 1
+
+    def lap(self, bucket: str) -> None:
+        """Bill the time since the last lap (and the steps done since) to ``bucket``."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[bucket] += now - self._last
+        self.counts[bucket] += self._pending
+        self._pending, self._last = 0, now
+
+    def summary(self) -> Dict[str, object]:
+        steady = self.counts.get("steps", 0)
+        return {"seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+                "steps": {k: v for k, v in self.counts.items() if v},
+                "ms_per_step_steady": round(1e3 * self.seconds["steps"] / steady, 3) if steady else None}
+
+
 class StepProfiler:
     """Profiles steps ``[WARMUP_STEPS, WARMUP_STEPS + steps)`` of a loop; call :meth:`after_step` after each."""
 
@@ -37,6 +75,14 @@ class StepProfiler:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    @property
+    def active(self) -> bool:
+        return self._prof is not None
+
+    def at_boundary(self, step: int) -> bool:
+        """Whether :meth:`after_step` with ``step`` opens or closes the profiled window."""
+        return self.steps > 0 and step in (WARMUP_STEPS, WARMUP_STEPS + self.steps)
 
     def after_step(self, step: int) -> None:
         """``step``: the number of steps finished so far."""

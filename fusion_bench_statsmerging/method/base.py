@@ -38,7 +38,7 @@ from ..engine.distillation import (
     sample_indices,
 )
 from ..engine.merge import HostLayerWiseEngine, check_same_architecture, trainable_names
-from ..engine.profiling import StepProfiler
+from ..engine.profiling import LoopClock, StepProfiler
 from ..engine.sam import SAM, OutputPerturbation
 from ..utils.preflight import check_loaded_model, check_writable
 from ..engine.schedule import Schedule, check_schedule, resolve_schedule
@@ -429,11 +429,18 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         profiler = StepProfiler(self.profile_steps, self.out_dir(), self.fabric.device) if self.profile_steps else None
         pbar = tqdm(range(start, steps), f"{self.method_label} ({self._protocol.name})", dynamic_ncols=True,
                     initial=start, total=steps)
+        clock = LoopClock(self.fabric.device)
         for step in pbar:
             loss, losses = self._step(optimizer, engine, coefficient_module, next(batches))
             if scheduler is not None:
                 scheduler.step()
+            clock.step_done()
+            steps_bucket = ("first step" if step == start else
+                            "profiled steps" if profiler is not None and profiler.active else "steps")
+            if step == start:
+                clock.lap(steps_bucket)
             if step % self.log_every == 0 or step == steps - 1:
+                clock.lap(steps_bucket)
                 with torch.no_grad():
                     coef = coefficient_module().detach()
                 metrics = {"train/loss": float(loss.detach()), "train/lr": base_opt.param_groups[0]["lr"],
@@ -443,15 +450,29 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
                 self.fabric.log_dict(metrics, step=step)
                 history.append({"step": step, **metrics})
                 pbar.set_postfix(loss=f"{float(loss.detach()):.4f}", coef=f"{float(coef.mean()):.3f}")
+                clock.lap("logging")
             if best is not None and ((step + 1) % self.select_every == 0 or step == steps - 1):
+                clock.lap(steps_bucket)
                 score = self.selection_score(engine, coefficient_module, selection_data)
                 best.offer(score, step + 1, coefficient_module)
                 self.fabric.log_dict({"select/validation_agreement": score}, step=step)
+                clock.lap("selection")
             distributed.share_stop(getattr(self, "_stop", None), self.fabric)
+            if checkpoints.path is not None and checkpoints.due(step + 1):
+                clock.lap(steps_bucket)
             checkpoints.after_step(step + 1, steps, getattr(self, "_stop", None), coefficient_module, base_opt,
                                    scheduler, best, history)
+            if checkpoints.path is not None and checkpoints.due(step + 1):
+                clock.lap("checkpoints")
             if profiler is not None:
+                boundary = profiler.at_boundary(step + 1 - start)
+                if boundary:
+                    clock.lap(steps_bucket)
                 profiler.after_step(step + 1 - start)
+                if boundary:  # opening syncs; closing writes the tables (seconds)
+                    clock.lap("profiler")
+        clock.lap("steps")
+        self._loop = clock.summary()
         if profiler is not None:
             profiler.finish(steps - start)
             self._profile = profiler.summary
@@ -597,6 +618,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             "history": history,
             "seconds": round(seconds, 2),
             "phase_seconds": self.phase_seconds(),
+            **({"loop": self._loop} if getattr(self, "_loop", None) else {}),
             **({"profile": self._profile} if getattr(self, "_profile", None) else {}),
             "files": files,
         }
