@@ -117,3 +117,24 @@ def test_tables_names_a_missing_results_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         tables.main([str(tmp_path / "results.json"), "--gap"])
     assert f"{tmp_path / 'results.json'} does not exist" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_docs_loop_step_figures_are_the_committed_engine_results():
+    """The 1.3x check in docs/benchmarks.md (loop step vs merge_speed.py) quotes the raw JSON beside it."""
+    raw = REPO_ROOT / "docs" / "results" / "engine_gpu_issue19d"
+    docs = (REPO_ROOT / "docs" / "benchmarks.md").read_text()
+    section = docs[docs.index("### The training loop's step against"):docs.index("### Scaling with the number")]
+    for name, tag in (("e2e_b32_issue19d.json", "| `--profile 20` |"), ("e2e_b32_issue19d_noprofile.json", "| no profile |")):
+        run = json.loads((raw / name).read_text())["results"][0]
+        row = next(line for line in section.splitlines() if line.startswith(tag))
+        loop = run["loop"]
+        assert f"| {run['method_seconds']:.1f} | {run['phase_seconds']['teacher targets']:.1f} |" in row
+        assert f"{loop['ms_per_step_steady']:.1f} ({loop['steps']['steps']} steps)" in row
+        assert f"| {run['process_wall_s']:.1f} |" in row
+    speed = {r["variant"]: r["step"] for r in json.loads((raw / "merge_speed_b32_issue19d.json").read_text())["results"]}
+    assert f"{speed['bf16']['mean_ms']:.1f} ms a step (median {speed['bf16']['median_ms']:.1f})" in section
+    assert f"{speed['fp32']['mean_ms']:.1f} ms (median {speed['fp32']['median_ms']:.1f})" in section
+    steady = json.loads((raw / "e2e_b32_issue19d_noprofile.json").read_text())["results"][0]["loop"]["ms_per_step_steady"]
+    assert steady <= 1.3 * min(speed["bf16"]["mean_ms"], speed["fp32"]["mean_ms"])  # issue 19's 1.3x
+    assert f"{steady / speed['bf16']['mean_ms']:.2f}x the bf16 step" in section
+    assert f"{steady / speed['fp32']['mean_ms']:.2f}x the fp32 one" in section
