@@ -335,3 +335,33 @@ def test_real_vision_builder_splits_offline(tmp_path):
         labels = splits["train"]["label"]
         assert set(labels) == set(range(len(build_vision.TASKS[task][0])))
         assert splits["test"][0]["image"].mode == mode
+
+
+def test_auto_start_scores_task_arithmetic_on_unlabeled_images_only(tmp_path, fabric, cnn_suite, monkeypatch):
+    """init_coefficient: auto tries task arithmetic at nine scales on unlabeled validation images (their
+    labels and the test split never read), starts the learner at the best, and reports the search."""
+    pool = PerTaskHeadsModelPool(suite_dir=str(cnn_suite))
+    train, val = pool.load_train_dataset, pool.load_val_dataset
+    monkeypatch.setattr(pool, "load_train_dataset", lambda name: LabelTrap(train(name), pool.input_column))
+    monkeypatch.setattr(pool, "load_val_dataset", lambda name: LabelTrap(val(name), pool.input_column))
+    monkeypatch.setattr(pool, "load_test_dataset", lambda name: pytest.fail("test split was read"))
+    algorithm = make(tmp_path, fabric, max_steps=2, init_coefficient="auto", select_by="validation_agreement",
+                     select_every=1)
+    algorithm.run(pool)
+    report = json.loads((tmp_path / "artifacts" / "statsmerging_report.json").read_text())
+    search = report["start_search"]
+    assert [float(k) for k in search["agreement"]] == pytest.approx([0.1 * i for i in range(1, 10)])
+    best = max(search["agreement"], key=search["agreement"].get)
+    assert float(best) == pytest.approx(search["chosen"]) and "validation" in search["images"]
+    assert len(set(search["agreement"].values())) > 1  # the scales were really scored
+    assert report["config"]["init_coefficient"] == "auto"
+    assert report["history"][0]["coefficients/mean"] == pytest.approx(search["chosen"], abs=0.02)  # started there
+    learner = torch.load(tmp_path / "artifacts" / "learner.pt", weights_only=False)
+    assert learner["options"]["init_coefficient"] == pytest.approx(search["chosen"])  # reuse gets a number
+
+
+def test_auto_start_refuses_what_it_cannot_search(tmp_path, fabric):
+    with pytest.raises(ValueError, match="softmax"):
+        make(tmp_path, fabric, init_coefficient="auto", output="softmax")
+    with pytest.raises(ValueError, match="number or 'auto'"):
+        make(tmp_path, fabric, init_coefficient="high")

@@ -245,3 +245,13 @@ def test_threaded_preprocessing_gives_the_sequential_pixels(tmp_path):
     assert torch.equal(one, four)
     single = processor(images=[images[3].convert("RGB")], return_tensors="pt")["pixel_values"].to(torch.float16)
     assert torch.equal(four[:1], single)  # the first index's image comes first
+
+
+def test_auto_start_without_validation_images_scores_the_first_fit_images(tmp_path, modelpool, cpu_fabric):
+    """With select_by: last no validation split is loaded: the start is scored on fit (train) images."""
+    algorithm = make_algorithm(tmp_path, cpu_fabric, max_steps=1, init_coefficient="auto")
+    algorithm.run(modelpool)
+    report = json.loads((tmp_path / "artifacts" / "statsmerging_report.json").read_text())
+    search = report["start_search"]
+    assert "train split" in search["images"] and len(search["agreement"]) == 9
+    assert search["chosen"] == pytest.approx(float(max(search["agreement"], key=search["agreement"].get)))

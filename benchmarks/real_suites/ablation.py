@@ -71,6 +71,11 @@ CANDIDATES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
                                       "text and real-image validation with the start at 0 (first campaign); not "
                                       "yet run with the 0.3 start", _overrides(INIT03, STEPS3K,
                                                                               {"method.feature_weight": "1.0"})),
+    "ablation_r_initauto_long3k": ("the committed configuration with a label-free start (init_coefficient: auto): "
+                                   "task arithmetic at 0.1-0.9 scored by agreement with the experts on unlabeled "
+                                   "validation images; the text suite preferred the start at 0, the CNN suites "
+                                   "0.3 (not yet run)",
+                                   _overrides(INIT03, STEPS3K, {"method.init_coefficient": "auto"})),
     "ablation_r_csam": ("SAM perturbs the merging coefficients, not the learner's weights (sam_space: coefficients)",
                         _overrides(INIT0, EPOCHS10, {"method.sam_space": "coefficients"})),
 }

@@ -67,6 +67,19 @@ def build_engine(name: str, pretrained: nn.Module, experts: List[nn.Module], **k
     raise UserError(f"Unknown merge_engine '{name}'; choose one of {list(ENGINES)}.")
 
 
+SCORING_ROWS = 256  # fit images per task that label-free scores read when no validation images are loaded
+
+
+def scoring_images(selection_data: Optional[tuple], pixels: Dict[str, Inputs], targets: Dict[str, object]):
+    """Images (with the experts' targets) that label-free scores read, and where they come from: the
+    unlabeled validation images of ``select_by: validation_agreement``, else the first fit images."""
+    if selection_data is not None:
+        return selection_data, "validation split (unlabeled), as select_by"
+    first = slice(0, SCORING_ROWS)
+    return (({t: take(p, first) for t, p in pixels.items()}, {t: take(v, first) for t, v in targets.items()}),
+            f"train split (unlabeled): the first {SCORING_ROWS} fit images per task")
+
+
 @auto_register_config
 class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
     """Base class: a method implements :meth:`build_coefficient_module`; a model family the
@@ -526,6 +539,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             elif self.fabric.device.type != "cpu":
                 log.info("%s: the fit set (%.1f GB) stays in host memory (fit_data_on_device=%s); each "
                          "step copies its batch", self.method_label, size / 1e9, self.fit_data_on_device)
+            self._start_data, self._start_data_source = scoring_images(selection_data, pixels, targets)
         with self.profile("task vectors"):
             dtype = getattr(torch, self.task_vector_dtype) if self.task_vector_dtype else None
             engine = build_engine(self.merge_engine, pretrained, [experts[n] for n in names],
@@ -586,6 +600,10 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             result[task] = agreement(logits, target_logits(targets[task])[:256].cpu())
         return result
 
+    def report_extras(self) -> Dict[str, object]:
+        """Entries a subclass adds to the JSON report (e.g. how its start was chosen)."""
+        return {}
+
     def phase_seconds(self) -> Dict[str, float]:
         """Wall time of each profiled phase so far (the report keeps them for benchmarks)."""
         durations = getattr(self.profiler, "recorded_durations", {})
@@ -618,6 +636,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             "history": history,
             "seconds": round(seconds, 2),
             "phase_seconds": self.phase_seconds(),
+            **self.report_extras(),
             **({"loop": self._loop} if getattr(self, "_loop", None) else {}),
             **({"profile": self._profile} if getattr(self, "_profile", None) else {}),
             "files": files,

@@ -14,7 +14,7 @@ it is fine-tuned from there as usual.
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +34,8 @@ from ..base import PoolError
 log = logging.getLogger(__name__)
 
 MODES = ("layer_wise", "task_wise")
+# ``init_coefficient: auto`` tries task arithmetic at these fractions of ``max_coefficient``
+START_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 NO_DATA_PROTOCOL = Protocol("reused_learner_no_data", "none", False,
                             "no data: a saved learner predicts the coefficients from the pool's weights "
                             "(learner_path with max_steps 0); no image of any split is read")
@@ -75,6 +77,16 @@ def pool_statistics(engine: nn.Module, mode: str, features: Sequence[str], rank:
     if batched is not None:
         return batched(features, rank)
     return layer_wise_statistics(task_vectors, features, rank)
+
+
+def check_auto_start(output: str, learner_path: Optional[str]) -> None:
+    """``init_coefficient: auto`` searches the start of a fresh sigmoid or unbounded learner only."""
+    if learner_path:
+        raise ValueError("init_coefficient: auto searches the start of a fresh learner; with learner_path the "
+                         "saved learner is the start: leave init_coefficient unset (null).")
+    if output == "softmax":
+        raise ValueError("init_coefficient: auto needs output sigmoid or unbounded (softmax starts uniform "
+                         "over the experts and has no start to search).")
 
 
 class _Unreadable:
@@ -133,7 +145,7 @@ class StatsMergingCoefficients:
         hidden_dim: Optional[int] = 128,
         learner_layers: Optional[int] = 2,
         output: Optional[str] = "sigmoid",
-        init_coefficient: Optional[float] = 0.3,
+        init_coefficient: Optional[Union[float, str]] = 0.3,
         max_coefficient: Optional[float] = 1.0,
         use_depth: Optional[bool] = True,
         name: Optional[str] = None,
@@ -161,9 +173,15 @@ class StatsMergingCoefficients:
         validate_features(configured["features"])
         if int(configured["rank"]) < 1:
             raise ValueError(f"rank must be >= 1, got {configured['rank']}.")
+        init = configured["init_coefficient"]
+        if init == "auto":
+            check_auto_start(configured["output"], learner_path)
+            init = START_FRACTIONS[len(START_FRACTIONS) // 2] * float(configured["max_coefficient"])
+        elif isinstance(init, str):
+            raise ValueError(f"init_coefficient must be a number or 'auto', got '{init}'.")
         # Build a throwaway learner to validate output/init/depth settings up front.
         StatsMergeLearner(1, configured["hidden_dim"], configured["learner_layers"], configured["output"],
-                          configured["init_coefficient"], configured["max_coefficient"])
+                          init, configured["max_coefficient"])
         super().__init__(**kwargs)
         for key, value in configured.items():  # the values in force (from the file when reused)
             setattr(self, key, value)
@@ -218,9 +236,12 @@ class StatsMergingCoefficients:
                      len(saved.pool.get("param_names", [])) or "?", self.normalizer)
         else:
             self._normalizer = FeatureNormalizer.fit(raw)
+            self._start = self.init_coefficient
+            if self._start == "auto":
+                self._start = self.search_start(engine)
             learner = StatsMergeLearner(
                 num_features(feats, self.rank), self.hidden_dim, self.learner_layers, self.output,
-                self.init_coefficient, self.max_coefficient,
+                self._start, self.max_coefficient,
                 use_depth=self.use_depth and self.mode == "layer_wise",
             )
         log.info("StatsMergeLearner: %d parameters; statistics %s", sum(p.numel() for p in learner.parameters()),
@@ -230,6 +251,27 @@ class StatsMergingCoefficients:
         return LearnerCoefficients(learner, self._normalizer(raw).float(), len(engine.param_names), self.mode,
                                    residual=self.residual)
 
+    def search_start(self, engine: nn.Module) -> float:
+        """``init_coefficient: auto``: the learner starts where task arithmetic agrees best with the
+        experts on unlabeled images (label-free; the images ``select_by`` scores, else the first fit
+        images). The best uniform scale depends on the pool (e.g. on how many experts share it), so a
+        start fixed on one family of suites need not suit another."""
+        shape = (engine.num_models, len(engine.param_names))
+        scores = {}
+        for fraction in START_FRACTIONS:
+            value = round(fraction * float(self.max_coefficient), 6)
+            fixed = torch.full(shape, value, device=self.fabric.device)
+            scores[value] = self.selection_score(engine, lambda: fixed, self._start_data)
+        best = max(scores, key=scores.get)  # ties: the smaller start
+        self._start_search = {"images": self._start_data_source, "agreement": scores, "chosen": best}
+        log.info("%s: start at %.2f (task arithmetic's agreement with the experts: %s)", self.method_label,
+                 best, {k: round(v, 4) for k, v in scores.items()})
+        return best
+
+    def report_extras(self) -> Dict[str, object]:
+        search = getattr(self, "_start_search", None)
+        return {**super().report_extras(), **({"start_search": search} if search else {})}
+
     def write_artifacts(self, out_dir, coefficients, param_names, names, *args, **kwargs):
         if self.mode == "task_wise":
             coefficients = coefficients[:, 0]
@@ -238,6 +280,8 @@ class StatsMergingCoefficients:
     def extra_artifacts(self, coefficient_module: LearnerCoefficients, out_dir: str) -> Dict[str, str]:
         saved = self._saved_learner
         options = {k: getattr(self, k) for k in LEARNER_OPTIONS}
+        if options["init_coefficient"] == "auto":  # the file keeps the start that was used
+            options["init_coefficient"] = self._start
         provenance = {"method": self.method_label, "protocol": self._protocol.name, "max_steps": self._schedule.max_steps if hasattr(self, "_schedule") else self.max_steps,
                       "loaded_from": saved.path if saved else None,
                       "normalizer": ("fitted on this pool" if saved is None or self.normalizer == "refit"
