@@ -10,10 +10,11 @@ and summarised in the method's JSON report.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -55,6 +56,13 @@ class LoopClock:
         self.seconds[bucket] += now - self._last
         self.counts[bucket] += self._pending
         self._pending, self._last = 0, now
+
+    @contextlib.contextmanager
+    def section(self, name: str, steps_bucket: str) -> Iterator[None]:
+        """Bill the steps run so far to ``steps_bucket`` and the block's own time to ``name``."""
+        self.lap(steps_bucket)
+        yield
+        self.lap(name)
 
     def summary(self) -> Dict[str, object]:
         steady = self.counts.get("steps", 0)

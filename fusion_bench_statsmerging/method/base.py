@@ -448,42 +448,34 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             if scheduler is not None:
                 scheduler.step()
             clock.step_done()
-            steps_bucket = ("first step" if step == start else
-                            "profiled steps" if profiler is not None and profiler.active else "steps")
             if step == start:
-                clock.lap(steps_bucket)
+                clock.lap("first step")
+            bucket = "profiled steps" if profiler is not None and profiler.active else "steps"
             if step % self.log_every == 0 or step == steps - 1:
-                clock.lap(steps_bucket)
-                with torch.no_grad():
-                    coef = coefficient_module().detach()
-                metrics = {"train/loss": float(loss.detach()), "train/lr": base_opt.param_groups[0]["lr"],
-                           "coefficients/mean": float(coef.mean()), "coefficients/min": float(coef.min()),
-                           "coefficients/max": float(coef.max())}
-                metrics.update({f"train/loss_{t}": float(v.detach()) for t, v in losses.items()})
-                self.fabric.log_dict(metrics, step=step)
-                history.append({"step": step, **metrics})
-                pbar.set_postfix(loss=f"{float(loss.detach()):.4f}", coef=f"{float(coef.mean()):.3f}")
-                clock.lap("logging")
+                with clock.section("logging", bucket):
+                    with torch.no_grad():
+                        coef = coefficient_module().detach()
+                    metrics = {"train/loss": float(loss.detach()), "train/lr": base_opt.param_groups[0]["lr"],
+                               "coefficients/mean": float(coef.mean()), "coefficients/min": float(coef.min()),
+                               "coefficients/max": float(coef.max())}
+                    metrics.update({f"train/loss_{t}": float(v.detach()) for t, v in losses.items()})
+                    self.fabric.log_dict(metrics, step=step)
+                    history.append({"step": step, **metrics})
+                    pbar.set_postfix(loss=f"{float(loss.detach()):.4f}", coef=f"{float(coef.mean()):.3f}")
             if best is not None and ((step + 1) % self.select_every == 0 or step == steps - 1):
-                clock.lap(steps_bucket)
-                score = self.selection_score(engine, coefficient_module, selection_data)
-                best.offer(score, step + 1, coefficient_module)
-                self.fabric.log_dict({"select/validation_agreement": score}, step=step)
-                clock.lap("selection")
+                with clock.section("selection", bucket):
+                    score = self.selection_score(engine, coefficient_module, selection_data)
+                    best.offer(score, step + 1, coefficient_module)
+                    self.fabric.log_dict({"select/validation_agreement": score}, step=step)
             distributed.share_stop(getattr(self, "_stop", None), self.fabric)
-            if checkpoints.path is not None and checkpoints.due(step + 1):
-                clock.lap(steps_bucket)
-            checkpoints.after_step(step + 1, steps, getattr(self, "_stop", None), coefficient_module, base_opt,
-                                   scheduler, best, history)
-            if checkpoints.path is not None and checkpoints.due(step + 1):
-                clock.lap("checkpoints")
-            if profiler is not None:
+            saving = checkpoints.path is not None and checkpoints.due(step + 1)
+            with clock.section("checkpoints", bucket) if saving else contextlib.nullcontext():
+                checkpoints.after_step(step + 1, steps, getattr(self, "_stop", None), coefficient_module, base_opt,
+                                       scheduler, best, history)
+            if profiler is not None:  # opening the window syncs; closing it writes the tables (seconds)
                 boundary = profiler.at_boundary(step + 1 - start)
-                if boundary:
-                    clock.lap(steps_bucket)
-                profiler.after_step(step + 1 - start)
-                if boundary:  # opening syncs; closing writes the tables (seconds)
-                    clock.lap("profiler")
+                with clock.section("profiler", bucket) if boundary else contextlib.nullcontext():
+                    profiler.after_step(step + 1 - start)
         clock.lap("steps")
         self._loop = clock.summary()
         if profiler is not None:
