@@ -138,3 +138,19 @@ def test_docs_loop_step_figures_are_the_committed_engine_results():
     assert steady <= 1.3 * min(speed["bf16"]["mean_ms"], speed["fp32"]["mean_ms"])  # issue 19's 1.3x
     assert f"{steady / speed['bf16']['mean_ms']:.2f}x the bf16 step" in section
     assert f"{steady / speed['fp32']['mean_ms']:.2f}x the fp32 one" in section
+
+
+def test_docs_auto_start_check_is_the_committed_runs():
+    """The CPU check of init_coefficient: auto quotes ablation.py's rows and the search's scores of the raw runs."""
+    import ablation
+    raw = REPO_ROOT / "docs" / "results" / "ablation_initauto_tiny_cpu"
+    docs = (REPO_ROOT / "docs" / "benchmarks.md").read_text()
+    scores = ablation.collect([raw])
+    rendered = ablation.markdown(scores, ablation.choose(scores)).splitlines()
+    for key in ("**statsmerging_residual**", "ablation_r_initauto_long3k |"):
+        assert next(line for line in rendered if line.startswith(f"| {key}")) in docs
+    search = json.loads((raw / "runs" / "ablation_r_initauto_long3k" / "statsmerging_report.json").read_text())[
+        "start_search"]
+    agreement = {float(k): v for k, v in search["agreement"].items()}
+    assert search["chosen"] == max(agreement, key=agreement.get) == 0.4
+    assert f"{100 * agreement[0.3]:.1f} %\nat 0.3, {100 * agreement[0.4]:.1f} % at 0.4" in docs

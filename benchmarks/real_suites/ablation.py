@@ -74,7 +74,7 @@ CANDIDATES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     "ablation_r_initauto_long3k": ("the committed configuration with a label-free start (init_coefficient: auto): "
                                    "task arithmetic at 0.1-0.9 scored by agreement with the experts on unlabeled "
                                    "validation images; the text suite preferred the start at 0, the CNN suites "
-                                   "0.3 (not yet run)",
+                                   "0.3 (not yet run on the GPU)",
                                    _overrides(INIT03, STEPS3K, {"method.init_coefficient": "auto"})),
     "ablation_r_csam": ("SAM perturbs the merging coefficients, not the learner's weights (sam_space: coefficients)",
                         _overrides(INIT0, EPOCHS10, {"method.sam_space": "coefficients"})),
