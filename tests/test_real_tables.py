@@ -138,6 +138,9 @@ def test_docs_loop_step_figures_are_the_committed_engine_results():
     assert steady <= 1.3 * min(speed["bf16"]["mean_ms"], speed["fp32"]["mean_ms"])  # issue 19's 1.3x
     assert f"{steady / speed['bf16']['mean_ms']:.2f}x the bf16 step" in section
     assert f"{steady / speed['fp32']['mean_ms']:.2f}x the fp32 one" in section
+    readme = " ".join((REPO_ROOT / "README.md").read_text().split())
+    plain = json.loads((raw / "e2e_b32_issue19d_noprofile.json").read_text())["results"][0]
+    assert f"took {plain['method_seconds']:.1f} s in the method on one H200, {steady:.1f} ms a training step" in readme
 
 
 def test_docs_auto_start_check_is_the_committed_runs():
