@@ -215,13 +215,13 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     meta = {"model": a.model, "experts": a.experts, "fit_images": a.fit_images, "steps": a.steps,
             "device": device, "torch": torch.__version__, "build_seconds": round(build_s, 1)}
+    print(markdown([], meta), flush=True)  # the table's heading; a row follows as each variant finishes
     results = []
     for v in a.variants.split(","):
         results.append(run_variant(a.out, v, VARIANTS[v], a.steps, a.fit_images, a.profile))
         print(markdown(results[-1:], meta).splitlines()[-1], flush=True)
         if a.json:  # after every variant: a run cut short (a lease's time limit) keeps the finished ones
             a.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    print(markdown(results, meta))
     for r in results:
         if "profile" in r:
             print(r["variant"], "profile:", json.dumps(r["profile"]))

@@ -138,13 +138,17 @@ class Checkpointer:
         log.info("checkpoint after %d steps: %s", steps_done, self.path)
         return self.path
 
+    def saves_after(self, steps_done: int, total: int, stop: Optional[StopFlag]) -> bool:
+        """Whether :meth:`after_step` with these arguments writes a checkpoint (when due, or asked to stop)."""
+        stopping = stop is not None and stop.signum is not None
+        return self.path is not None and (stopping or (self.due(steps_done) and steps_done < total))
+
     def after_step(self, steps_done: int, total: int, stop: Optional[StopFlag], *state) -> None:
         """The training loop's hook: save when due or asked to stop, then stop if asked.
         ``state``: coefficient module, optimizer, scheduler, best state, history (as for :meth:`save`)."""
-        stopping = stop is not None and stop.signum is not None
-        if self.path is not None and (stopping or (self.due(steps_done) and steps_done < total)):
+        if self.saves_after(steps_done, total, stop):
             self.save(steps_done, *state)
-        if stopping:
+        if stop is not None and stop.signum is not None:
             stop.stop()
 
     # ------------------------------------------------------------------ resume

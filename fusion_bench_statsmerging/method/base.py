@@ -468,10 +468,10 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
                     best.offer(score, step + 1, coefficient_module)
                     self.fabric.log_dict({"select/validation_agreement": score}, step=step)
             distributed.share_stop(getattr(self, "_stop", None), self.fabric)
-            saving = checkpoints.path is not None and checkpoints.due(step + 1)
+            stop = getattr(self, "_stop", None)
+            saving = checkpoints.saves_after(step + 1, steps, stop)
             with clock.section("checkpoints", bucket) if saving else contextlib.nullcontext():
-                checkpoints.after_step(step + 1, steps, getattr(self, "_stop", None), coefficient_module, base_opt,
-                                       scheduler, best, history)
+                checkpoints.after_step(step + 1, steps, stop, coefficient_module, base_opt, scheduler, best, history)
             if profiler is not None:  # opening the window syncs; closing it writes the tables (seconds)
                 boundary = profiler.at_boundary(step + 1 - start)
                 with clock.section("profiler", bucket) if boundary else contextlib.nullcontext():
@@ -593,8 +593,10 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         return result
 
     def report_extras(self) -> Dict[str, object]:
-        """Entries a subclass adds to the JSON report (e.g. how its start was chosen)."""
-        return {}
+        """Optional entries of the JSON report: where the loop's time went, the profile when asked
+        for one; a subclass adds its own (e.g. how its start was chosen)."""
+        return {**({"loop": self._loop} if getattr(self, "_loop", None) else {}),
+                **({"profile": self._profile} if getattr(self, "_profile", None) else {})}
 
     def phase_seconds(self) -> Dict[str, float]:
         """Wall time of each profiled phase so far (the report keeps them for benchmarks)."""
@@ -629,8 +631,6 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             "seconds": round(seconds, 2),
             "phase_seconds": self.phase_seconds(),
             **self.report_extras(),
-            **({"loop": self._loop} if getattr(self, "_loop", None) else {}),
-            **({"profile": self._profile} if getattr(self, "_profile", None) else {}),
             "files": files,
         }
         files["report"] = str(artifacts.save_json(f"{out_dir}/{self.report_name}", report))
