@@ -37,7 +37,7 @@ from fusion_bench.utils.data import InfiniteDataLoader
 
 from ..models.heads import _value_of, column_only_view, inputs_to
 from .adamerging_protocol import NO_LABEL, SPLIT_LOADERS, as_adamerging_config
-from .base import PoolError
+from .base import PoolError, UserError
 from .heads import require_heads_pool
 
 log = logging.getLogger(__name__)
@@ -121,5 +121,5 @@ VARIANTS = {"layer_wise": HeadsLayerWiseAdaMerging, "task_wise": HeadsTaskWiseAd
 def heads_adamerging(name: str = "layer_wise", **config):
     """Hydra target of ``config/method/adamerging_heads.yaml``: ``name`` picks the variant."""
     if name not in VARIANTS:
-        raise ValueError(f"name must be one of {sorted(VARIANTS)}, got '{name}'.")
+        raise UserError(f"name must be one of {sorted(VARIANTS)}, got '{name}'.")
     return VARIANTS[name](OmegaConf.create({"name": name, **config}))

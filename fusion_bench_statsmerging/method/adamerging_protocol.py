@@ -24,6 +24,8 @@ from fusion_bench.method.adamerging.clip_layer_wise_adamerging import CLIPLayerW
 from fusion_bench.method.adamerging.clip_task_wise_adamerging import CLIPTaskWiseAdaMergingAlgorithm
 from fusion_bench.utils.data import InfiniteDataLoader
 
+from ..utils.errors import UserError
+
 log = logging.getLogger(__name__)
 
 NO_LABEL = -1
@@ -86,7 +88,7 @@ def as_adamerging_config(algorithm_config: Optional[DictConfig], kwargs: dict,
     config = algorithm_config if algorithm_config is not None else OmegaConf.create(kwargs)
     protocol = config.get("protocol", "train_unlabeled")
     if protocol not in protocols:
-        raise ValueError(f"protocol must be one of {sorted(protocols)}, got '{protocol}'.{hint}")
+        raise UserError(f"protocol must be one of {sorted(protocols)}, got '{protocol}'.{hint}")
     return config
 
 
@@ -120,5 +122,5 @@ def clip_adamerging_unlabeled_split(name: str = "clip_layer_wise_adamerging", **
     """Hydra target of ``config/method/adamerging_train.yaml``: ``name`` picks the variant,
     with the same values as the host's ``method=adamerging/clip``."""
     if name not in VARIANTS:
-        raise ValueError(f"name must be one of {sorted(VARIANTS)}, got '{name}'")
+        raise UserError(f"name must be one of {sorted(VARIANTS)}, got '{name}'")
     return VARIANTS[name](OmegaConf.create({"name": name, **config}))

@@ -20,6 +20,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor, nn
 
+from ...utils.errors import UserError
 from ..statsmerging.coefficients import MODES
 
 
@@ -77,22 +78,22 @@ class SAMergingCoefficients:
         **kwargs,
     ):
         if mode not in MODES:
-            raise ValueError(f"Unknown mode '{mode}'; choose one of {list(MODES)}.")
+            raise UserError(f"Unknown mode '{mode}'; choose one of {list(MODES)}.")
         if num_batches_per_task is not None:
             if int(num_batches_per_task) < 1:
-                raise ValueError(f"num_batches_per_task must be >= 1 (or null), got {num_batches_per_task}.")
+                raise UserError(f"num_batches_per_task must be >= 1 (or null), got {num_batches_per_task}.")
             if min_samples_per_task is not None or max_samples_per_task is not None:
-                raise ValueError(
+                raise UserError(
                     "num_batches_per_task fixes the samples per task (num_batches_per_task * batch_size); "
                     "set it to null to use data_fraction / min_samples_per_task / max_samples_per_task instead."
                 )
             min_samples_per_task = max_samples_per_task = int(num_batches_per_task) * int(batch_size)
         if max_steps is None:
             if epochs is None or num_batches_per_task is None:
-                raise ValueError("Set max_steps, or both epochs and num_batches_per_task "
+                raise UserError("Set max_steps, or both epochs and num_batches_per_task "
                                  "(max_steps = epochs * num_batches_per_task).")
             if int(epochs) < 0:
-                raise ValueError(f"epochs must be >= 0, got {epochs}.")
+                raise UserError(f"epochs must be >= 0, got {epochs}.")
             max_steps = int(epochs) * int(num_batches_per_task)
         super().__init__(
             max_steps=max_steps, min_samples_per_task=min_samples_per_task,

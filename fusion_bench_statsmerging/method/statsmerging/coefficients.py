@@ -13,8 +13,9 @@ it is fine-tuned from there as usual.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +31,7 @@ from ...engine.stats import (
 )
 from ...engine.distillation import Protocol, get_protocol
 from ..base import PoolError
+from ...utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +81,25 @@ def pool_statistics(engine: nn.Module, mode: str, features: Sequence[str], rank:
     return layer_wise_statistics(task_vectors, features, rank)
 
 
+@contextlib.contextmanager
+def settings_errors() -> Iterator[None]:
+    """A library check's ValueError about the configured settings, raised as a :class:`UserError` (the
+    message then ends a failed CLI run's output)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except ValueError as err:
+        raise UserError(str(err)) from err
+
+
 def check_auto_start(output: str, learner_path: Optional[str]) -> None:
     """``init_coefficient: auto`` searches the start of a fresh sigmoid or unbounded learner only."""
     if learner_path:
-        raise ValueError("init_coefficient: auto searches the start of a fresh learner; with learner_path the "
+        raise UserError("init_coefficient: auto searches the start of a fresh learner; with learner_path the "
                          "saved learner is the start: leave init_coefficient unset (null).")
     if output == "softmax":
-        raise ValueError("init_coefficient: auto needs output sigmoid or unbounded (softmax starts uniform "
+        raise UserError("init_coefficient: auto needs output sigmoid or unbounded (softmax starts uniform "
                          "over the experts and has no start to search).")
 
 
@@ -155,7 +169,7 @@ class StatsMergingCoefficients:
         **kwargs,
     ):
         if normalizer not in NORMALIZERS:
-            raise ValueError(f"normalizer must be one of {list(NORMALIZERS)}, got '{normalizer}'.")
+            raise UserError(f"normalizer must be one of {list(NORMALIZERS)}, got '{normalizer}'.")
         configured = dict(mode=mode, features=features, rank=rank, hidden_dim=hidden_dim,
                           learner_layers=learner_layers, output=output, init_coefficient=init_coefficient,
                           max_coefficient=max_coefficient, use_depth=use_depth)
@@ -166,22 +180,24 @@ class StatsMergingCoefficients:
         else:
             unset = [k for k in LEARNER_OPTIONS if configured[k] is None]
             if unset:
-                raise ValueError(f"{unset} may be null only with learner_path (they are then read from the "
+                raise UserError(f"{unset} may be null only with learner_path (they are then read from the "
                                  "saved learner); set them, or give learner_path.")
         if configured["mode"] not in MODES:
-            raise ValueError(f"Unknown mode '{configured['mode']}'; choose one of {list(MODES)}.")
-        validate_features(configured["features"])
+            raise UserError(f"Unknown mode '{configured['mode']}'; choose one of {list(MODES)}.")
+        with settings_errors():
+            validate_features(configured["features"])
         if int(configured["rank"]) < 1:
-            raise ValueError(f"rank must be >= 1, got {configured['rank']}.")
+            raise UserError(f"rank must be >= 1, got {configured['rank']}.")
         init = configured["init_coefficient"]
         if init == "auto":
             check_auto_start(configured["output"], learner_path)
             init = START_FRACTIONS[len(START_FRACTIONS) // 2] * float(configured["max_coefficient"])
         elif isinstance(init, str):
-            raise ValueError(f"init_coefficient must be a number or 'auto', got '{init}'.")
+            raise UserError(f"init_coefficient must be a number or 'auto', got '{init}'.")
         # Build a throwaway learner to validate output/init/depth settings up front.
-        StatsMergeLearner(1, configured["hidden_dim"], configured["learner_layers"], configured["output"],
-                          init, configured["max_coefficient"])
+        with settings_errors():
+            StatsMergeLearner(1, configured["hidden_dim"], configured["learner_layers"], configured["output"],
+                              init, configured["max_coefficient"])
         super().__init__(**kwargs)
         for key, value in configured.items():  # the values in force (from the file when reused)
             setattr(self, key, value)
