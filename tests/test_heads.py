@@ -360,6 +360,65 @@ def test_auto_start_scores_task_arithmetic_on_unlabeled_images_only(tmp_path, fa
     assert learner["options"]["init_coefficient"] == pytest.approx(search["chosen"])  # reuse gets a number
 
 
+TWO_STARTS = [{"output": "sigmoid", "init_coefficient": 0.3}, {"output": "unbounded", "init_coefficient": 0.0}]
+
+
+def test_starts_probe_each_start_unlabeled_and_go_on_as_the_winner_alone(tmp_path, fabric, cnn_suite, monkeypatch):
+    """``starts``: each start trains for start_probe_steps on unlabeled images (no label, no test split),
+    the one the experts agree with most on unlabeled validation images wins, and the run then ends with
+    exactly the coefficients of a run configured with that start alone."""
+    pool = PerTaskHeadsModelPool(suite_dir=str(cnn_suite))
+    train, val = pool.load_train_dataset, pool.load_val_dataset
+    monkeypatch.setattr(pool, "load_train_dataset", lambda name: LabelTrap(train(name), pool.input_column))
+    monkeypatch.setattr(pool, "load_val_dataset", lambda name: LabelTrap(val(name), pool.input_column))
+    monkeypatch.setattr(pool, "load_test_dataset", lambda name: pytest.fail("test split was read"))
+    settings = dict(max_steps=3, select_by="validation_agreement", select_every=1, residual=True, lr=5e-2)
+    algorithm = make(tmp_path / "probed", fabric, starts=TWO_STARTS, start_probe_steps=2, **settings)
+    algorithm.run(pool)
+    out = tmp_path / "probed" / "artifacts"
+    report = json.loads((out / "statsmerging_report.json").read_text())
+    probe = report["start_probe"]
+    assert probe == json.loads((out / "start_probe.json").read_text())
+    agreements = [r["best_agreement"] for r in probe["results"]]
+    assert [sorted(r["agreement_by_step"]) for r in probe["results"]] == [["0", "1", "2"]] * 2  # both trained
+    assert agreements[0] != agreements[1]  # the starts really differ
+    chosen = TWO_STARTS[probe["chosen"]]
+    assert agreements[probe["chosen"]] == max(agreements)
+    assert (report["config"]["output"], report["config"]["init_coefficient"]) == tuple(chosen.values())
+    assert sorted(report["selection"]["agreement_by_step"], key=int) == ["0", "1", "2", "3"]  # the full run
+
+    alone = make(tmp_path / "alone", fabric, **chosen, **settings)
+    alone.run(PerTaskHeadsModelPool(suite_dir=str(cnn_suite)))
+    assert torch.equal(torch.load(out / "coefficients.pt"),
+                       torch.load(tmp_path / "alone" / "artifacts" / "coefficients.pt"))
+
+
+def test_starts_outcome_is_reused_by_a_resumed_run_only_when_it_probed_the_same(tmp_path):
+    from fusion_bench_statsmerging.method.statsmerging.coefficients import PROBE_FILE, read_probe
+
+    starts = [{"output": "sigmoid", "init_coefficient": 0.3}, {"output": "unbounded", "init_coefficient": 0.0}]
+    (tmp_path / PROBE_FILE).write_text(json.dumps({"steps": 300, "starts": starts, "chosen": 1, "results": []}))
+    checkpoint = tmp_path / "checkpoint.pt"
+    assert read_probe(checkpoint, starts, 300)["chosen"] == 1
+    assert read_probe(checkpoint, starts, 200) is None
+    assert read_probe(checkpoint, starts[::-1], 300) is None
+    assert read_probe(None, starts, 300) is None
+    assert read_probe(tmp_path / "elsewhere" / "checkpoint.pt", starts, 300) is None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(starts=TWO_STARTS), "select_by: validation_agreement"),
+    (dict(starts=TWO_STARTS[:1], select_by="validation_agreement"), "two or more"),
+    (dict(starts=[{"init_coefficient": 0.3, "lr": 1.0}, {}], select_by="validation_agreement"), "may set only"),
+    (dict(starts=[{"init_coefficient": "auto"}, {}], select_by="validation_agreement"), "must be a number"),
+    (dict(starts=[{"output": "cosine"}, {}], select_by="validation_agreement"), "cosine"),
+    (dict(starts=TWO_STARTS, select_by="validation_agreement", start_probe_steps=0), "start_probe_steps"),
+])
+def test_starts_settings_are_checked_before_any_work(tmp_path, fabric, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make(tmp_path, fabric, **overrides)
+
+
 def test_auto_start_refuses_what_it_cannot_search(tmp_path, fabric):
     with pytest.raises(ValueError, match="softmax"):
         make(tmp_path, fabric, init_coefficient="auto", output="softmax")

@@ -157,3 +157,41 @@ def test_docs_auto_start_check_is_the_committed_runs():
     agreement = {float(k): v for k, v in search["agreement"].items()}
     assert search["chosen"] == max(agreement, key=agreement.get) == 0.4
     assert f"{100 * agreement[0.3]:.1f} %\nat 0.3, {100 * agreement[0.4]:.1f} % at 0.4" in docs
+
+
+def _start_run(runs, key, agreement_by_step, val, test):
+    folder = runs / key
+    folder.mkdir(parents=True)
+    (folder / "statsmerging_report.json").write_text(json.dumps({"selection": {"agreement_by_step": agreement_by_step}}))
+    (folder / "program_report.json").write_text(json.dumps({"validation_split": {"average": {"accuracy": val}},
+                                                            "average": {"accuracy": test}}))
+
+
+def test_two_starts_replay_picks_by_agreement_within_the_probe_and_stands_for_the_picked_run(tmp_path):
+    """Until the two starts run as a row, their scores are the picked start's run: picked by the best
+    agreement logged at steps <= 300 (a start that overtakes later is not seen by the probes)."""
+    import ablation
+    suite = tmp_path / "suite"
+    late, early = ablation.START_RUNS
+    _start_run(suite / "runs", late, {"0": 0.5, "300": 0.6, "1000": 0.95}, 0.9, 0.8)
+    _start_run(suite / "runs", early, {"0": 0.4, "200": 0.7, "1000": 0.75}, 0.7, 0.6)
+    assert ablation.replay_pick(suite / "runs") == early
+    assert ablation.replay_pick(suite / "runs", steps=1000) == late
+    assert ablation.collect([suite])[ablation.TWO_STARTS] == {"suite": (0.7, 0.6)}  # no label read to pick
+    assert ablation.replay_pick(tmp_path / "empty") is None
+
+    rows = [_row("ablation_r_long3k", "ablation_r_long3k", {"a": 0.6}), _row(ablation.MAIN_KEY, ablation.CHOSEN_LABEL.format(
+        "ablation_r_init03_long3k"), {"a": 0.8})]
+    promoted = ablation.promote_rows(rows, ablation.TWO_STARTS, "ablation_r_long3k")
+    assert [(r["key"], r.get("promoted_from")) for r in promoted] == [
+        (ablation.MAIN_KEY, "ablation_r_long3k"), ("ablation_r_init03_long3k", None)]  # the earlier promotion undone
+    again = ablation.promote_rows(promoted, ablation.TWO_STARTS, "ablation_r_init03_long3k")
+    assert [r["key"] for r in again] == ["ablation_r_long3k", ablation.MAIN_KEY]
+
+
+def test_docs_two_starts_replay_is_the_committed_runs():
+    """The probes' replay in docs/benchmarks.md is ablation.py --replay on the committed runs' own logs."""
+    import ablation
+    folders = [REPO_ROOT / "docs" / "results" / name for name in (
+        "real_vision_gpu_issue19c", "real_text_gpu_issue19b", "real_hetero_gpu_issue19c", "real_vision_gpu_issue19b")]
+    assert ablation.replay_markdown(folders) in (REPO_ROOT / "docs" / "benchmarks.md").read_text()

@@ -119,28 +119,31 @@ def test_statsmerging_r_config_composes_and_trains_learner_and_residual(tmp_path
     with initialize_config_dir(config_dir=str(REPO_ROOT / "config"), version_base=None):
         cfg = compose(overrides=["+method=statsmerging_residual"]).method
     assert (cfg.residual, cfg.loss, cfg.optimizer, cfg.select_by) == (True, "soft", "sam", "validation_agreement")
-    cfg.max_steps, cfg.select_every, cfg.batch_size, cfg.sam_space = 3, 2, 8, sam_space
+    assert len(cfg.starts) == 2
+    cfg.max_steps, cfg.select_every, cfg.batch_size, cfg.sam_space, cfg.start_probe_steps = 3, 2, 8, sam_space, 1
     cfg.artifact_dir = str(tmp_path / "artifacts")
     algorithm = instantiate(cfg)
     algorithm.fabric = cpu_fabric
     seen = {}
     original = algorithm.make_optimizer
-    monkeypatch.setattr(algorithm, "make_optimizer", lambda params: original(seen.setdefault("p", list(params))))
+    monkeypatch.setattr(algorithm, "make_optimizer", lambda params: original(seen.setdefault("p", []).append(
+        list(params)) or seen["p"][-1]))
     score = algorithm.selection_score
     snapshots = []
 
-    def spy(engine, module, data):  # called at step 0 and after steps 2 and 3: the parameters then
+    def spy(engine, module, data):  # the main run's last three calls: at step 0, after steps 2 and 3
         snapshots.append([p.detach().clone() for p in module.parameters()])
         return score(engine, module, data)
 
     monkeypatch.setattr(algorithm, "selection_score", spy)
     algorithm.run(modelpool)
-    assert len(seen["p"]) == 5  # two MLP layers (weight, bias each) + the residual
-    assert len(snapshots) == 3
-    for i, (before, after) in enumerate(zip(snapshots[0], snapshots[-1])):
+    assert [len(p) for p in seen["p"]] == [5] * 3  # two MLP layers (weight, bias each) + the residual
+    assert len(snapshots) == 2 * 2 + 3  # two probes of one step (scored at 0 and 1), then the run
+    for i, (before, after) in enumerate(zip(snapshots[-3], snapshots[-1])):
         assert not torch.equal(before, after), f"parameter {i} never moved: it got no gradient"
     report = json.loads((tmp_path / "artifacts" / "statsmerging_report.json").read_text())
     assert set(report["selection"]["agreement_by_step"]) == {"0", "2", "3"}
+    assert [set(r["agreement_by_step"]) for r in report["start_probe"]["results"]] == [{"0", "1"}] * 2
 
 
 

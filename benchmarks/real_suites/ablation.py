@@ -9,6 +9,7 @@ reads validation only: the candidate with the best validation average over the g
     python benchmarks/real_suites/ablation.py --add-args [--only K,K]  # rows for statsmerging-compare
     python benchmarks/real_suites/ablation.py --choose W/compare_vision W/compare_text W/compare_hetero
     python benchmarks/real_suites/ablation.py --promote KEY DIR...    # chosen candidate -> main row
+    python benchmarks/real_suites/ablation.py --replay DIR...         # the two starts' probes, replayed
 
 ``--promote`` renames rows in each ``results.json`` (backup ``results.before_promote.json``): the
 chosen candidate becomes ``statsmerging_residual`` and the run that had that key becomes
@@ -33,8 +34,9 @@ BASE_CONFIG = "method=statsmerging_residual_heads"
 # start at 0 with an unbounded learner output, 1600 unlabeled images per task, 10 epochs at a constant
 # learning rate. The second campaign chose the 0.3 start (ablation_r_init03), the third the 3000-step
 # schedule on every train image with it (ablation_r_init03_long3k, committed now).
-INIT0 = {"method.output": "unbounded", "method.init_coefficient": "0.0"}
-INIT03 = {"method.output": "sigmoid", "method.init_coefficient": "0.3"}
+# one start (the configuration's `starts` probe two since the two starts' candidate was chosen)
+INIT0 = {"method.output": "unbounded", "method.init_coefficient": "0.0", "method.starts": "null"}
+INIT03 = {"method.output": "sigmoid", "method.init_coefficient": "0.3", "method.starts": "null"}
 EPOCHS10 = {"method.max_samples_per_task": "1600", "method.max_epochs": "10", "method.max_steps": "null",
             "method.lr_step_size": "null"}
 ALL_IMAGES = {"method.max_samples_per_task": "null"}
@@ -76,15 +78,74 @@ CANDIDATES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
                                    "validation images; the text suite preferred the start at 0, the CNN suites "
                                    "0.3 (not yet run on the GPU)",
                                    _overrides(INIT03, STEPS3K, {"method.init_coefficient": "auto"})),
+    "ablation_r_two_starts": ("two starts, the 0.3 start (sigmoid) and the start at 0 (unbounded), each trained for "
+                              "300 steps; the one the experts agree with most on the unlabeled validation images "
+                              "goes on (committed now). Until it runs as a row of its own, its scores are those of "
+                              "the run of the start its probes pick (see replay_pick)",
+                              _overrides(INIT03, STEPS3K, {"method.starts": "[{output:sigmoid,init_coefficient:0.3},"
+                                                           "{output:unbounded,init_coefficient:0.0}]",
+                                                           "method.start_probe_steps": "300"})),
     "ablation_r_csam": ("SAM perturbs the merging coefficients, not the learner's weights (sam_space: coefficients)",
                         _overrides(INIT0, EPOCHS10, {"method.sam_space": "coefficients"})),
 }
+
+
+# The two starts' candidate, replayed: the runs that trained each start alone with the committed schedule
+# (in the order of the configuration's ``starts``), and the probes' length in steps.
+TWO_STARTS = "ablation_r_two_starts"
+START_RUNS = ("ablation_r_init03_long3k", "ablation_r_long3k")
+PROBE_STEPS = 300
+
+
+def replay_pick(runs: Path, steps: int = PROBE_STEPS) -> Optional[str]:
+    """Which of START_RUNS the probes of ``ablation_r_two_starts`` pick on a comparison whose ``runs``
+    folder holds both: each probe is the first ``steps`` steps of that start's own run (same seed,
+    batches and schedule), scored by the best validation agreement up to there, which the run's
+    report logged (``selection.agreement_by_step``, every 100 steps); ties: the start listed first.
+    Reads no label: the agreement is with the experts. None when a run or its log is missing."""
+    best = {}
+    for key in START_RUNS:
+        path = runs / key / "statsmerging_report.json"
+        if not path.is_file():
+            return None
+        logged = json.loads(path.read_text()).get("selection", {}).get("agreement_by_step", {})
+        upto = [v for k, v in logged.items() if int(k) <= steps]
+        if not upto:
+            return None
+        best[key] = max(upto)
+    return max(START_RUNS, key=lambda k: (best[k], -START_RUNS.index(k)))
+
+
+def replay_markdown(dirs: List[Path], steps: int = PROBE_STEPS) -> str:
+    """Per comparison folder and start: the best agreement the probes see (steps <= ``steps``), the
+    best of the whole run (the state it kept), its validation and test average, and the probes' pick."""
+    lines = ["| suite | start (run) | agreement, probe (<= %d steps) | agreement, whole run | val | test | picked |"
+             % steps, "|---|---|---|---|---|---|---|"]
+    for d in dirs:
+        pick = replay_pick(d / "runs", steps)
+        if pick is None:
+            continue
+        for key in START_RUNS:
+            logged = json.loads((d / "runs" / key / "statsmerging_report.json").read_text())["selection"]
+            scores = {int(k): v for k, v in logged["agreement_by_step"].items()}
+            val, test = _scores(d / "runs" / key)
+            cells = [f"{100 * max(v for k, v in scores.items() if k <= steps):.2f}",
+                     f"{100 * max(scores.values()):.2f}", "" if val is None else f"{100 * val:.2f}",
+                     "" if test is None else f"{100 * test:.2f}", "yes" if key == pick else ""]
+            lines.append(f"| {d.name} | {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def override_holds(config: Mapping, override: str) -> bool:
     """Whether ``config`` (a method's config) has the value a ``method.key=value`` override sets."""
     name, value = override.split("=", 1)
     got = config[name.split(".", 1)[1]]
+    if value.startswith("["):  # a list (of mappings): compared as Hydra parses it
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from omegaconf import OmegaConf
+
+        parsed = OverridesParser.create().parse_override(override).value()
+        return OmegaConf.to_container(OmegaConf.create({"v": got}))["v"] == parsed
     if value == "null":
         return got is None
     if str(got).lower() == value.lower():  # strings, and booleans as Hydra spells them
@@ -122,6 +183,10 @@ def collect(dirs: List[Path]) -> Dict[str, Dict[str, Tuple[Optional[float], Opti
     out: Dict[str, Dict[str, Tuple[Optional[float], Optional[float]]]] = {}
     for key in [MAIN_KEY, *CANDIDATES]:
         out[key] = {d.name: _scores(d / "runs" / key) for d in dirs}
+    for d in dirs:  # the two starts, where they have not run as a row: the run of the start the probes pick
+        pick = replay_pick(d / "runs")
+        if out[TWO_STARTS][d.name] == (None, None) and pick is not None:
+            out[TWO_STARTS][d.name] = out[pick][d.name]
     return out
 
 
@@ -152,32 +217,38 @@ def markdown(scores: Mapping[str, Mapping[str, Tuple[Optional[float], Optional[f
 
 
 CHOSEN_LABEL = "StatsMerging-R (chosen on validation: {})"
+REPLAY_LABEL = "StatsMerging-R (chosen on validation: {}; the run of the start its probes pick here: {})"
 MAIN_PROTOCOL = TRAIN_UNLABELED_SELECTED  # the main row's data protocol (an --add row has none of its own)
 
 
-def promote_rows(rows: List[dict], chosen: str) -> List[dict]:
+def promote_rows(rows: List[dict], chosen: str, source: Optional[str] = None) -> List[dict]:
     """The rows with ``chosen`` as the main row (see :func:`promote`); a new list, ``rows`` untouched.
+    ``source``: the row that stands for it (default: its own; the two starts' replay: the picked start's).
 
-    A main row that an earlier promotion made goes back to its candidate key; a main row that ran as the
-    committed configuration becomes ``ablation_r_base``; a comparison run without a main row (its
-    candidates named every configuration in play) just gets the chosen one as its main row.
+    A main row that an earlier promotion made goes back to the key of the row it came from; a main row
+    that ran as the committed configuration becomes ``ablation_r_base``; a comparison run without a main
+    row (its candidates named every configuration in play) just gets the chosen one as its main row.
     """
+    source = source or chosen
     if chosen == MAIN_KEY:
         return [dict(r) for r in rows]
-    if not any(r["key"] == chosen for r in rows):
-        raise ValueError(f"no row {chosen!r} to promote")
     out = []
-    for row in rows:
+    for row in rows:  # first, an earlier promotion is undone
         row = dict(row)
         if row["key"] == MAIN_KEY:
-            earlier = next((k for k in CANDIDATES if row["label"] == CHOSEN_LABEL.format(k)), None)
+            earlier = row.pop("promoted_from", None) or next(
+                (k for k in CANDIDATES if row["label"] == CHOSEN_LABEL.format(k)), None)
             if earlier is not None:
                 row["key"] = row["label"] = earlier
             else:
                 row["key"], row["label"] = "ablation_r_base", "StatsMerging-R as committed before the ablation"
-        elif row["key"] == chosen:  # an --add row has no protocol of its own: the main row's
-            row["key"], row["label"], row["protocol"] = MAIN_KEY, CHOSEN_LABEL.format(chosen), MAIN_PROTOCOL
         out.append(row)
+    if not any(r["key"] == source for r in out):
+        raise ValueError(f"no row {source!r} to promote")
+    label = CHOSEN_LABEL.format(chosen) if source == chosen else REPLAY_LABEL.format(chosen, source)
+    for row in out:
+        if row["key"] == source:  # an --add row has no protocol of its own: the main row's
+            row.update(key=MAIN_KEY, label=label, protocol=MAIN_PROTOCOL, promoted_from=source)
     return out
 
 
@@ -190,8 +261,10 @@ def promote(chosen: str, dirs: List[Path]) -> None:
     loaded, promoted = {}, {}
     for d in dirs:  # every folder is checked before any is written: a promotion is all or nothing
         loaded[d] = json.loads((d / "results.json").read_text())
+        ran = any(r["key"] == chosen for r in loaded[d]["rows"])
+        source = replay_pick(d / "runs") if chosen == TWO_STARTS and not ran else chosen
         try:
-            promoted[d] = promote_rows(loaded[d]["rows"], chosen)
+            promoted[d] = promote_rows(loaded[d]["rows"], chosen, source)
         except ValueError as e:
             raise SystemExit(f"{d}: {e}; nothing was promoted") from None
     for d, results in loaded.items():
@@ -207,8 +280,10 @@ def main(argv=None) -> None:
     parser.add_argument("--only", help="with --add-args: a comma-separated subset of the candidates")
     parser.add_argument("--choose", nargs="+", type=Path, metavar="COMPARE_DIR")
     parser.add_argument("--promote", nargs="+", metavar=("KEY", "COMPARE_DIR"))
+    parser.add_argument("--replay", nargs="+", type=Path, metavar="COMPARE_DIR",
+                        help="the two starts' probes replayed from the runs of each start (see replay_pick)")
     args = parser.parse_args(argv)
-    for d in [*(args.choose or []), *(args.promote or [])[1:]]:
+    for d in [*(args.choose or []), *(args.promote or [])[1:], *(args.replay or [])]:
         if not Path(d, "results.json").is_file():
             parser.error(f"{d} holds no results.json: give statsmerging-compare output folders")
     if args.only and not args.add_args:
@@ -222,6 +297,8 @@ def main(argv=None) -> None:
         chosen = choose(scores)
         print(markdown(scores, chosen))
         print(f"\nchosen on validation: {chosen}")
+    if args.replay:
+        print(replay_markdown(args.replay))
     if args.promote:
         promote(args.promote[0], [Path(p) for p in args.promote[1:]])
 

@@ -176,6 +176,11 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
     def build_coefficient_module(self, engine: nn.Module, model_names: List[str]) -> nn.Module:
         raise NotImplementedError
 
+    def choose_start(self, engine: nn.Module, model_names: List[str], pixels, targets, selection_data,
+                     out_dir: str, resume_from: Optional[Path]) -> None:
+        """Before the coefficient module is built: a method may settle where it starts (StatsMerging's
+        ``starts``); by default there is nothing to choose."""
+
     def extra_artifacts(self, coefficient_module: nn.Module, out_dir: str) -> Dict[str, str]:
         """Method-specific files (e.g. the trained learner); returns name -> path."""
         return {}
@@ -422,7 +427,11 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             return SAM(base, rho=self.sam_rho, adaptive=self.sam_adaptive)
         return base
 
-    def train(self, engine, coefficient_module, pixels, targets, selection_data=None) -> List[dict]:
+    def train(self, engine, coefficient_module, pixels, targets, selection_data=None, steps: Optional[int] = None,
+              log_prefix: str = "") -> List[dict]:
+        """The training loop; leaves the kept state in ``coefficient_module`` and its summary in
+        ``self._selection``. ``steps`` (default: the schedule's) and ``log_prefix`` (for the logged
+        scalars) serve short trial runs such as StatsMerging's start probes, which are not profiled."""
         schedule: Schedule = self._schedule
         params = [p for p in coefficient_module.parameters() if p.requires_grad]
         optimizer = self.make_optimizer(params)
@@ -438,10 +447,12 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         batches = self._batches(pixels, targets)
         for _ in range(start):  # the stream is a function of the seed: replay it to where the run stopped
             next(batches)
-        steps = schedule.max_steps
-        profiler = StepProfiler(self.profile_steps, self.out_dir(), self.fabric.device) if self.profile_steps else None
-        pbar = tqdm(range(start, steps), f"{self.method_label} ({self._protocol.name})", dynamic_ncols=True,
-                    initial=start, total=steps)
+        trial = steps is not None
+        steps = schedule.max_steps if steps is None else int(steps)
+        profiler = (StepProfiler(self.profile_steps, self.out_dir(), self.fabric.device)
+                    if self.profile_steps and not trial else None)
+        pbar = tqdm(range(start, steps), f"{self.method_label} ({self._protocol.name}){' ' + log_prefix if trial else ''}",
+                    dynamic_ncols=True, initial=start, total=steps)
         clock = LoopClock(self.fabric.device)
         for step in pbar:
             loss, losses = self._step(optimizer, engine, coefficient_module, next(batches))
@@ -459,14 +470,14 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
                                "coefficients/mean": float(coef.mean()), "coefficients/min": float(coef.min()),
                                "coefficients/max": float(coef.max())}
                     metrics.update({f"train/loss_{t}": float(v.detach()) for t, v in losses.items()})
-                    self.fabric.log_dict(metrics, step=step)
+                    self.fabric.log_dict({log_prefix + k: v for k, v in metrics.items()}, step=step)
                     history.append({"step": step, **metrics})
                     pbar.set_postfix(loss=f"{float(loss.detach()):.4f}", coef=f"{float(coef.mean()):.3f}")
             if best is not None and ((step + 1) % self.select_every == 0 or step == steps - 1):
                 with clock.section("selection", bucket):
                     score = self.selection_score(engine, coefficient_module, selection_data)
                     best.offer(score, step + 1, coefficient_module)
-                    self.fabric.log_dict({"select/validation_agreement": score}, step=step)
+                    self.fabric.log_dict({log_prefix + "select/validation_agreement": score}, step=step)
             distributed.share_stop(getattr(self, "_stop", None), self.fabric)
             stop = getattr(self, "_stop", None)
             saving = checkpoints.saves_after(step + 1, steps, stop)
@@ -542,6 +553,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
                 from ..engine.fused import enable_activation_checkpointing
 
                 enable_activation_checkpointing(engine, float(self.activation_checkpointing))
+        self.choose_start(engine, names, pixels, targets, selection_data, out_dir, resume_from)
         with self.profile("coefficient module"):
             coefficient_module = self.fabric.to_device(self.build_coefficient_module(engine, names))
 

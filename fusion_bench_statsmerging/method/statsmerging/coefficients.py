@@ -14,12 +14,15 @@ it is fine-tuned from there as usual.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
-from typing import Dict, Iterator, List, Optional, Sequence, Union
+from pathlib import Path
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
+from ...engine import distributed
 from ...utils import artifacts
 from ...engine.learner import StatsMergeLearner, relative_depth
 from ...engine.reuse import (
@@ -38,6 +41,9 @@ log = logging.getLogger(__name__)
 MODES = ("layer_wise", "task_wise")
 # ``init_coefficient: auto`` tries task arithmetic at these fractions of ``max_coefficient``
 START_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# ``starts``: what a start may set, and where the probes' outcome is kept (a resumed run reuses it)
+START_KEYS = ("output", "init_coefficient")
+PROBE_FILE = "start_probe.json"
 NO_DATA_PROTOCOL = Protocol("reused_learner_no_data", "none", False,
                             "no data: a saved learner predicts the coefficients from the pool's weights "
                             "(learner_path with max_steps 0); no image of any split is read")
@@ -103,6 +109,52 @@ def check_auto_start(output: str, learner_path: Optional[str]) -> None:
                          "over the experts and has no start to search).")
 
 
+def check_starts(starts: Optional[Sequence[Mapping]], configured: Mapping[str, object], select_by: str,
+                 learner_path: Optional[str]) -> List[Dict[str, object]]:
+    """``starts`` as plain dicts with both keys (a key a start leaves out takes the method's value),
+    or one message naming what to change. The probes compare starts by the experts' agreement on
+    unlabeled validation images, so they need that selection; a saved learner is its own start."""
+    if not starts:
+        return []
+    if learner_path:
+        raise UserError("starts probes fresh learners; with learner_path the saved learner is the start: "
+                        "leave starts unset (null).")
+    if select_by != "validation_agreement":
+        raise UserError("starts are compared by the experts' agreement on unlabeled validation images: "
+                        f"set select_by: validation_agreement (it is '{select_by}').")
+    if isinstance(starts, Mapping) or len(starts) < 2:
+        raise UserError("starts lists two or more starts to probe, e.g. [{output: sigmoid, init_coefficient: "
+                        "0.3}, {output: unbounded, init_coefficient: 0.0}]; or leave it null.")
+    result = []
+    for i, start in enumerate(starts):
+        if not isinstance(start, Mapping):
+            raise UserError(f"starts[{i}] must be a mapping with keys {list(START_KEYS)}, got {start!r}.")
+        unknown = sorted(set(start) - set(START_KEYS))
+        if unknown:
+            raise UserError(f"starts[{i}] sets {unknown}; a start may set only {list(START_KEYS)}.")
+        one = {k: start.get(k, configured[k]) for k in START_KEYS}
+        if isinstance(one["init_coefficient"], str) or one["init_coefficient"] is None:
+            raise UserError(f"starts[{i}]: init_coefficient must be a number, got {one['init_coefficient']!r}.")
+        one["init_coefficient"] = float(one["init_coefficient"])
+        with settings_errors():
+            StatsMergeLearner(1, configured["hidden_dim"], configured["learner_layers"], one["output"],
+                              one["init_coefficient"], configured["max_coefficient"])
+        result.append(one)
+    return result
+
+
+def read_probe(resume_from: Optional[Path], starts: List[Dict[str, object]], steps: int) -> Optional[dict]:
+    """The probes' outcome saved beside the checkpoint a run resumes from, when it probed the same
+    starts for as many steps (the resumed training must continue the start it began with)."""
+    path = Path(resume_from).parent / PROBE_FILE if resume_from is not None else None
+    if path is None or not path.is_file():
+        return None
+    probe = json.loads(path.read_text())
+    if probe.get("starts") != starts or probe.get("steps") != steps:
+        return None
+    return {**probe, "reused_from": str(path)}
+
+
 class _Unreadable:
     """A fitting set of a data-free reuse run: it has a size, and any read is a bug."""
 
@@ -166,6 +218,8 @@ class StatsMergingCoefficients:
         learner_path: Optional[str] = None,
         normalizer: str = "saved",
         residual: bool = False,
+        starts: Optional[Sequence[Mapping]] = None,
+        start_probe_steps: int = 300,
         **kwargs,
     ):
         if normalizer not in NORMALIZERS:
@@ -198,7 +252,11 @@ class StatsMergingCoefficients:
         with settings_errors():
             StatsMergeLearner(1, configured["hidden_dim"], configured["learner_layers"], configured["output"],
                               init, configured["max_coefficient"])
+        checked_starts = check_starts(starts, configured, kwargs.get("select_by", "last"), learner_path)
+        if int(start_probe_steps) < 1:
+            raise UserError(f"start_probe_steps must be >= 1, got {start_probe_steps}.")
         super().__init__(**kwargs)
+        self.starts, self.start_probe_steps = checked_starts, int(start_probe_steps)
         for key, value in configured.items():  # the values in force (from the file when reused)
             setattr(self, key, value)
         if self.reuses_without_training:
@@ -284,9 +342,57 @@ class StatsMergingCoefficients:
                  best, {k: round(v, 4) for k, v in scores.items()})
         return best
 
+    # ------------------------------------------------------------------ starts
+    def choose_start(self, engine, model_names, pixels, targets, selection_data, out_dir, resume_from) -> None:
+        """``starts``: train a fresh learner from each start for ``start_probe_steps`` steps and go on
+        with the start whose kept state the experts agree with most on the unlabeled validation images.
+        Why: which start trains best differs between pools (on our text suite the start at 0, on the
+        CNN suites task arithmetic at 0.3) and is not told by how well the start itself merges
+        (``init_coefficient: auto``); a short trial of each, scored label-free, tells it. The run then
+        trains the winner afresh, exactly as a run configured with that start alone would."""
+        if not self.starts:
+            return
+        probe = read_probe(resume_from, self.starts, self.start_probe_steps)
+        if probe is None:
+            with self.profile("start probe"):
+                probe = self.probe_starts(engine, model_names, pixels, targets, selection_data)
+            if distributed.is_rank_zero(self.fabric):
+                artifacts.save_json(f"{out_dir}/{PROBE_FILE}", probe)
+        chosen = self.starts[probe["chosen"]]
+        self.output, self.init_coefficient = chosen["output"], chosen["init_coefficient"]
+        self._start_probe = probe
+        log.info("%s: going on from start %s (agreement with the experts after the probes: %s)", self.method_label,
+                 chosen, [round(r["best_agreement"], 4) for r in probe["results"]])
+
+    def probe_starts(self, engine, model_names, pixels, targets, selection_data) -> Dict[str, object]:
+        """Each start trained for ``start_probe_steps`` steps from the same random state (the learner's
+        initialisation), batches and schedule; scored as ``select_by: validation_agreement`` scores
+        (the best state within the probe). Ties: the start listed first."""
+        if selection_data is None:
+            raise UserError("starts needs the unlabeled validation images of select_by: validation_agreement, "
+                            "and none were loaded.")
+        devices = [self.fabric.device] if self.fabric.device.type == "cuda" else []
+        results = []
+        for i, start in enumerate(self.starts):
+            self.output, self.init_coefficient = start["output"], start["init_coefficient"]
+            with torch.random.fork_rng(devices=devices):  # every start sees the run's random state
+                module = self.fabric.to_device(self.build_coefficient_module(engine, model_names))
+                self._checkpoints = None  # a probe is short and is not checkpointed
+                self.train(engine, module, pixels, targets, selection_data, steps=self.start_probe_steps,
+                           log_prefix=f"start_probe/{i}/")
+            selection = self._selection
+            results.append({**start, "best_agreement": selection["best_agreement"],
+                            "best_step": selection["best_step"],
+                            "agreement_by_step": selection["agreement_by_step"]})
+        chosen = max(range(len(results)), key=lambda i: (results[i]["best_agreement"], -i))
+        return {"steps": self.start_probe_steps, "starts": self.starts, "results": results, "chosen": chosen,
+                "images": "validation split (unlabeled), as select_by"}
+
     def report_extras(self) -> Dict[str, object]:
         search = getattr(self, "_start_search", None)
-        return {**super().report_extras(), **({"start_search": search} if search else {})}
+        probe = getattr(self, "_start_probe", None)
+        return {**super().report_extras(), **({"start_search": search} if search else {}),
+                **({"start_probe": probe} if probe else {})}
 
     def write_artifacts(self, out_dir, coefficients, param_names, names, *args, **kwargs):
         if self.mode == "task_wise":
