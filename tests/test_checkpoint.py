@@ -16,8 +16,9 @@ from fusion_bench_statsmerging.modelpool.clip_suite import CLIPSuiteModelPool
 
 SETTINGS = dict(max_steps=8, lr_step_size=3, lr_gamma=0.5, lr=5e-2, checkpoint_every=2)
 
-# The interrupted run: a real SIGTERM, sent to itself during step 4 (0-based), so the test does
-# not depend on timing; the handler lets step 4 finish, checkpoints after 5 steps, exits 143.
+# The interrupted run: a real SIGTERM, sent to itself during its step `signal_at` (0-based, counting every
+# optimisation step of the process), so the test does not depend on timing; the handler lets that step
+# finish, checkpoints, exits 143.
 INTERRUPTED = textwrap.dedent("""
     import json, os, signal, sys
     import lightning as L, torch
@@ -29,7 +30,7 @@ INTERRUPTED = textwrap.dedent("""
                                **json.loads({settings!r}))
     step, real = [0], algorithm._step
     def step_and_signal(*args):
-        if step[0] == 4:
+        if step[0] == {signal_at}:
             os.kill(os.getpid(), signal.SIGTERM)
         step[0] += 1
         return real(*args)
@@ -50,7 +51,7 @@ def test_sigterm_checkpoints_and_resume_equals_the_uninterrupted_run(tmp_path, s
 
     parts = tmp_path / "parts"
     script = INTERRUPTED.format(tests=str(REPO_ROOT / "tests"), tmp=str(parts), settings=json.dumps(SETTINGS),
-                                suite=str(suite_dir))
+                                suite=str(suite_dir), signal_at=4)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
@@ -65,6 +66,32 @@ def test_sigterm_checkpoints_and_resume_equals_the_uninterrupted_run(tmp_path, s
     report = json.loads((parts / "artifacts" / "statsmerging_report.json").read_text())
     assert [h["step"] for h in report["history"]] == list(range(8))  # history carried over
     assert not checkpoint.exists()
+
+
+def test_resume_with_starts_reuses_the_probes_and_equals_the_uninterrupted_run(tmp_path, suite_dir, cpu_fabric,
+                                                                              single_thread, monkeypatch):
+    """StatsMerging's ``starts``: the probes run before the checkpointed training; a resumed run takes their
+    outcome from start_probe.json (it does not probe again) and ends as the uninterrupted run did."""
+    settings = dict(SETTINGS, select_by="validation_agreement", select_every=2, start_probe_steps=2,
+                    starts=[{"output": "sigmoid", "init_coefficient": 0.3},
+                            {"output": "unbounded", "init_coefficient": 0.0}])
+    whole = tmp_path / "whole"
+    make_algorithm(whole, cpu_fabric, **settings).run(CLIPSuiteModelPool(suite_dir=str(suite_dir)))
+    parts = tmp_path / "parts"
+    script = INTERRUPTED.format(tests=str(REPO_ROOT / "tests"), tmp=str(parts), settings=json.dumps(settings),
+                                suite=str(suite_dir), signal_at=2 * 2 + 4)  # after two probes of 2 steps
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    assert torch.load(parts / "artifacts" / "checkpoint.pt", weights_only=False)["steps_done"] == 5
+    probed = json.loads((parts / "artifacts" / "start_probe.json").read_text())
+
+    resumed = make_algorithm(parts, cpu_fabric, resume=True, **settings)
+    monkeypatch.setattr(resumed, "probe_starts", lambda *a: pytest.fail("the probes ran again"))
+    resumed.run(CLIPSuiteModelPool(suite_dir=str(suite_dir)))
+    assert torch.equal(_coefficients(parts), _coefficients(whole))
+    report = json.loads((parts / "artifacts" / "statsmerging_report.json").read_text())
+    assert report["start_probe"]["chosen"] == probed["chosen"] and "reused_from" in report["start_probe"]
 
 
 def _umask() -> int:
