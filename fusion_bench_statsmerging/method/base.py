@@ -451,8 +451,8 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         steps = schedule.max_steps if steps is None else int(steps)
         profiler = (StepProfiler(self.profile_steps, self.out_dir(), self.fabric.device)
                     if self.profile_steps and not trial else None)
-        pbar = tqdm(range(start, steps), f"{self.method_label} ({self._protocol.name}){' ' + log_prefix if trial else ''}",
-                    dynamic_ncols=True, initial=start, total=steps)
+        label = f"{self.method_label} ({self._protocol.name})" + (f" {log_prefix}" if log_prefix else "")
+        pbar = tqdm(range(start, steps), label, dynamic_ncols=True, initial=start, total=steps)
         clock = LoopClock(self.fabric.device)
         for step in pbar:
             loss, losses = self._step(optimizer, engine, coefficient_module, next(batches))
