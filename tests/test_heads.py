@@ -393,6 +393,14 @@ def test_starts_probe_each_start_unlabeled_and_go_on_as_the_winner_alone(tmp_pat
                        torch.load(tmp_path / "alone" / "artifacts" / "coefficients.pt"))
 
 
+def test_starts_probes_are_never_longer_than_the_run(tmp_path, fabric, cnn_suite):
+    algorithm = make(tmp_path, fabric, max_steps=2, starts=TWO_STARTS, start_probe_steps=300,
+                     select_by="validation_agreement", select_every=1)
+    algorithm.run(PerTaskHeadsModelPool(suite_dir=str(cnn_suite)))
+    probe = json.loads((tmp_path / "artifacts" / "start_probe.json").read_text())
+    assert probe["steps"] == 2 and [sorted(r["agreement_by_step"]) for r in probe["results"]] == [["0", "1", "2"]] * 2
+
+
 def test_starts_outcome_is_reused_by_a_resumed_run_only_when_it_probed_the_same(tmp_path):
     from fusion_bench_statsmerging.method.statsmerging.coefficients import PROBE_FILE, read_probe
 

@@ -352,10 +352,11 @@ class StatsMergingCoefficients:
         trains the winner afresh, exactly as a run configured with that start alone would."""
         if not self.starts:
             return
-        probe = read_probe(resume_from, self.starts, self.start_probe_steps)
+        steps = min(self.start_probe_steps, self._schedule.max_steps)  # a probe is never longer than the run
+        probe = read_probe(resume_from, self.starts, steps)
         if probe is None:
             with self.profile("start probe"):
-                probe = self.probe_starts(engine, model_names, pixels, targets, selection_data)
+                probe = self.probe_starts(engine, model_names, pixels, targets, selection_data, steps)
             if distributed.is_rank_zero(self.fabric):
                 artifacts.save_json(f"{out_dir}/{PROBE_FILE}", probe)
         chosen = self.starts[probe["chosen"]]
@@ -364,8 +365,8 @@ class StatsMergingCoefficients:
         log.info("%s: going on from start %s (agreement with the experts after the probes: %s)", self.method_label,
                  chosen, [round(r["best_agreement"], 4) for r in probe["results"]])
 
-    def probe_starts(self, engine, model_names, pixels, targets, selection_data) -> Dict[str, object]:
-        """Each start trained for ``start_probe_steps`` steps from the same random state (the learner's
+    def probe_starts(self, engine, model_names, pixels, targets, selection_data, steps: int) -> Dict[str, object]:
+        """Each start trained for ``steps`` steps from the same random state (the learner's
         initialisation), batches and schedule; scored as ``select_by: validation_agreement`` scores
         (the best state within the probe). Ties: the start listed first."""
         if selection_data is None:
@@ -378,14 +379,13 @@ class StatsMergingCoefficients:
             with torch.random.fork_rng(devices=devices):  # every start sees the run's random state
                 module = self.fabric.to_device(self.build_coefficient_module(engine, model_names))
                 self._checkpoints = None  # a probe is short and is not checkpointed
-                self.train(engine, module, pixels, targets, selection_data, steps=self.start_probe_steps,
-                           log_prefix=f"start_probe/{i}/")
+                self.train(engine, module, pixels, targets, selection_data, steps=steps, log_prefix=f"start_probe/{i}/")
             selection = self._selection
             results.append({**start, "best_agreement": selection["best_agreement"],
                             "best_step": selection["best_step"],
                             "agreement_by_step": selection["agreement_by_step"]})
         chosen = max(range(len(results)), key=lambda i: (results[i]["best_agreement"], -i))
-        return {"steps": self.start_probe_steps, "starts": self.starts, "results": results, "chosen": chosen,
+        return {"steps": steps, "starts": self.starts, "results": results, "chosen": chosen,
                 "images": "validation split (unlabeled), as select_by"}
 
     def report_extras(self) -> Dict[str, object]:
