@@ -40,7 +40,7 @@ def test_docs_tables_are_the_committed_results():
     for name in ("real_vision_gpu", "real_hetero_gpu", "real_text_gpu",
                  "real_vision_gpu_issue19", "real_hetero_gpu_issue19", "real_text_gpu_issue19",
                  "real_vision_gpu_issue19b", "real_hetero_gpu_issue19b", "real_text_gpu_issue19b",
-                 "real_vision_gpu_issue19c", "real_hetero_gpu_issue19c"):
+                 "real_vision_gpu_issue19c", "real_hetero_gpu_issue19c", "clip_suite_small_cpu_issue19"):
         folder = REPO_ROOT / "docs" / "results" / name
         manifest_path = folder / "manifest.json"
         manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
