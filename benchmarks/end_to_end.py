@@ -45,7 +45,7 @@ TEXT = {"tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, 
         "l14": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)}
 # variant -> overrides; a variant whose first override names another method runs that config with its
 # own data budget and schedule (e.g. the recommended StatsMerging-R: 3000 steps on up to 4000 images per
-# task, SAM, label-free selection on 256 validation images per task)
+# task, SAM, label-free selection on 256 validation images per task, two starts probed 300 steps each)
 VARIANTS = {"default": [], "fp32": ["method.autocast=null"], "bf16": ["method.autocast=bf16"],
             "bf16-tv": ["method.autocast=bf16", "method.task_vector_dtype=bfloat16"],
             "residual": ["method=statsmerging_residual"],
@@ -172,7 +172,9 @@ def run_variant(root: Path, name: str, overrides: List[str], steps: int, fit_ima
 
 
 def markdown(results: List[Dict], meta: Dict) -> str:
-    phases = ["load models", "task heads", "teacher targets", "task vectors", "coefficient module", "training"]
+    # "start probe": StatsMerging-R's two starts (absent, "-", where a configuration has one start)
+    phases = ["load models", "task heads", "teacher targets", "task vectors", "start probe", "coefficient module",
+              "training"]
     lines = [f"K={meta['experts']} experts, model {meta['model']}, {meta['fit_images']} fit images/task, "
              f"{meta['steps']} steps, device {meta['device']}", "",
              "| variant | method total (s) | " + " | ".join(phases) + " | steps | ms/step | steady ms/step "
@@ -182,7 +184,7 @@ def markdown(results: List[Dict], meta: Dict) -> str:
         if "error" in r:
             lines.append(f"| {r['variant']} | failed: {r['error'].strip().splitlines()[-1][:80]} |")
             continue
-        cells = [f"{r['phase_seconds'].get(p, float('nan')):.1f}" for p in phases]
+        cells = [f"{r['phase_seconds'][p]:.1f}" if p in r["phase_seconds"] else "-" for p in phases]
         loop = r.get("loop", {})
         split = " / ".join(f"{loop.get('seconds', {}).get(k, 0.0):.1f}" for k in LOOP_BUCKETS)
         lines.append(f"| {r['variant']} | {r['method_seconds']:.1f} | " + " | ".join(cells)
