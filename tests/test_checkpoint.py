@@ -72,9 +72,12 @@ def test_resume_with_starts_reuses_the_probes_and_equals_the_uninterrupted_run(t
                                                                               single_thread, monkeypatch):
     """StatsMerging's ``starts``: the probes run before the checkpointed training; a resumed run takes their
     outcome from start_probe.json (it does not probe again) and ends as the uninterrupted run did."""
+    # the losing start listed first and configured (the tiny suite's probes pick the 0.3 start by far), so a
+    # resume that ignored the probes' outcome would train the other start
     settings = dict(SETTINGS, select_by="validation_agreement", select_every=2, start_probe_steps=2,
-                    starts=[{"output": "sigmoid", "init_coefficient": 0.3},
-                            {"output": "unbounded", "init_coefficient": 0.0}])
+                    output="unbounded", init_coefficient=0.0,
+                    starts=[{"output": "unbounded", "init_coefficient": 0.0},
+                            {"output": "sigmoid", "init_coefficient": 0.3}])
     whole = tmp_path / "whole"
     make_algorithm(whole, cpu_fabric, **settings).run(CLIPSuiteModelPool(suite_dir=str(suite_dir)))
     parts = tmp_path / "parts"
@@ -91,7 +94,9 @@ def test_resume_with_starts_reuses_the_probes_and_equals_the_uninterrupted_run(t
     resumed.run(CLIPSuiteModelPool(suite_dir=str(suite_dir)))
     assert torch.equal(_coefficients(parts), _coefficients(whole))
     report = json.loads((parts / "artifacts" / "statsmerging_report.json").read_text())
-    assert report["start_probe"]["chosen"] == probed["chosen"] and "reused_from" in report["start_probe"]
+    assert probed["chosen"] == report["start_probe"]["chosen"] == 1 and "reused_from" in report["start_probe"]
+    assert report["start_probe"]["results"] == probed["results"]  # the probes' own scores, from their file
+    assert (report["config"]["output"], report["config"]["init_coefficient"]) == ("sigmoid", 0.3)
 
 
 def _umask() -> int:

@@ -44,7 +44,12 @@ def _fusion_bench(args, cwd, suite_dir, log_dir, timeout=300) -> subprocess.Comp
     (["method=statsmerging", f"method.min_samples_per_task={FIT_SAMPLES}",
       f"method.max_samples_per_task={FIT_SAMPLES}"], "statsmerging_report.json"),
     (["method=samerging", f"method.num_batches_per_task={FIT_SAMPLES // BATCH}"], "samerging_report.json"),
-], ids=["statsmerging_adam", "samerging_sam"])
+    # StatsMerging's two starts: every rank probes both and goes on with rank 0's choice
+    (["method=statsmerging", f"method.min_samples_per_task={FIT_SAMPLES}", f"method.max_samples_per_task={FIT_SAMPLES}",
+      "method.select_by=validation_agreement", "method.select_every=2", "method.start_probe_steps=2",
+      "method.starts=[{output:unbounded,init_coefficient:0.0},{output:sigmoid,init_coefficient:0.3}]"],
+     "statsmerging_report.json"),
+], ids=["statsmerging_adam", "samerging_sam", "statsmerging_two_starts"])
 def test_two_ranks_give_the_coefficients_of_one_process_on_the_same_global_batch(tmp_path, suite_dir, method,
                                                                                   report):
     one, two = tmp_path / "one", tmp_path / "two"
@@ -63,6 +68,7 @@ def test_two_ranks_give_the_coefficients_of_one_process_on_the_same_global_batch
     assert (diff[:, free] <= 2 * LR * STEPS).all()  # each run moves them by at most ~lr per step
     ref, ddp = json.loads((one / report).read_text()), json.loads((two / report).read_text())
     assert "distributed" not in ref  # one process: the report as before
+    assert ref.get("start_probe", {}).get("chosen") == ddp.get("start_probe", {}).get("chosen")
     for h1, h2 in zip(ref["history"], ddp["history"]):  # the logged loss is the global batch's
         assert abs(h1["train/loss"] - h2["train/loss"]) <= TOLERANCE
 

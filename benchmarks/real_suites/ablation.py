@@ -41,6 +41,8 @@ EPOCHS10 = {"method.max_samples_per_task": "1600", "method.max_epochs": "10", "m
             "method.lr_step_size": "null"}
 ALL_IMAGES = {"method.max_samples_per_task": "null"}
 STEPS3K = {"method.max_samples_per_task": "null", "method.max_steps": "3000", "method.lr_step_size": "2000"}
+TWO_STARTS_SETTINGS = {"method.starts": "[{output:sigmoid,init_coefficient:0.3},{output:unbounded,init_coefficient:0.0}]",
+                       "method.start_probe_steps": "300"}
 
 
 def _overrides(*parts: Mapping[str, str]) -> Tuple[str, ...]:
@@ -69,22 +71,19 @@ CANDIDATES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
                           _overrides(INIT0, STEPS3K)),
     "ablation_r_init03_long3k": ("the 0.3 start and the 3000-step schedule on all train images together "
                                  "(committed since the third campaign)", _overrides(INIT03, STEPS3K)),
-    "ablation_r_init03_long3k_feat": ("the committed configuration plus feature distillation (weight 1): led "
-                                      "text and real-image validation with the start at 0 (first campaign); not "
-                                      "yet run with the 0.3 start", _overrides(INIT03, STEPS3K,
-                                                                              {"method.feature_weight": "1.0"})),
-    "ablation_r_initauto_long3k": ("the committed configuration with a label-free start (init_coefficient: auto): "
-                                   "task arithmetic at 0.1-0.9 scored by agreement with the experts on unlabeled "
-                                   "validation images; the text suite preferred the start at 0, the CNN suites "
-                                   "0.3 (not yet run on the GPU)",
+    "ablation_r_two_starts_feat": ("the committed configuration (two starts) plus feature distillation (weight 1): "
+                                   "led text and real-image validation with the start at 0 (first campaign); not "
+                                   "yet run with the current schedule",
+                                   _overrides(INIT03, STEPS3K, TWO_STARTS_SETTINGS, {"method.feature_weight": "1.0"})),
+    "ablation_r_initauto_long3k": ("one start found by init_coefficient: auto instead of the two starts' probes: task "
+                                   "arithmetic at 0.1-0.9 scored by agreement with the experts on unlabeled "
+                                   "validation images (not yet run on the GPU)",
                                    _overrides(INIT03, STEPS3K, {"method.init_coefficient": "auto"})),
     "ablation_r_two_starts": ("two starts, the 0.3 start (sigmoid) and the start at 0 (unbounded), each trained for "
                               "300 steps; the one the experts agree with most on the unlabeled validation images "
                               "goes on (committed now). Until it runs as a row of its own, its scores are those of "
                               "the run of the start its probes pick (see replay_pick)",
-                              _overrides(INIT03, STEPS3K, {"method.starts": "[{output:sigmoid,init_coefficient:0.3},"
-                                                           "{output:unbounded,init_coefficient:0.0}]",
-                                                           "method.start_probe_steps": "300"})),
+                              _overrides(INIT03, STEPS3K, TWO_STARTS_SETTINGS)),
     "ablation_r_csam": ("SAM perturbs the merging coefficients, not the learner's weights (sam_space: coefficients)",
                         _overrides(INIT0, EPOCHS10, {"method.sam_space": "coefficients"})),
 }

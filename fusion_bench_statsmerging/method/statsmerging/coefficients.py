@@ -34,6 +34,7 @@ from ...engine.stats import (
 )
 from ...engine.distillation import Protocol, get_protocol
 from ..base import PoolError
+from ...engine.checkpoint import ResumeError
 from ...utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,10 @@ def check_starts(starts: Optional[Sequence[Mapping]], configured: Mapping[str, o
         return []
     if learner_path:
         raise UserError("starts probes fresh learners; with learner_path the saved learner is the start: "
-                        "leave starts unset (null).")
+                        "set method.starts=null.")
+    if configured["init_coefficient"] == "auto":
+        raise UserError("init_coefficient: auto searches one start, and starts probes the starts it lists: "
+                        "choose one (method.starts=null for the search).")
     if select_by != "validation_agreement":
         raise UserError("starts are compared by the experts' agreement on unlabeled validation images: "
                         f"set select_by: validation_agreement (it is '{select_by}').")
@@ -143,16 +147,32 @@ def check_starts(starts: Optional[Sequence[Mapping]], configured: Mapping[str, o
     return result
 
 
+def checkpoint_start(resume_from: Path, starts: List[Dict[str, object]]) -> int:
+    """Which of ``starts`` the checkpoint's training began from (its settings name it): a resumed run
+    goes on with that start, whatever probes ran since."""
+    config = torch.load(resume_from, map_location="cpu", weights_only=False).get("config", {})
+    for i, start in enumerate(starts):  # the checkpoint keeps each setting as text
+        if all(config.get(k) == str(start[k]) for k in START_KEYS):
+            return i
+    raise ResumeError(f"cannot resume from '{resume_from}': its training began from output "
+                      f"{config.get('output')}, init_coefficient {config.get('init_coefficient')}, which is not one "
+                      "of the starts set now. Resume with the interrupted run's starts, or start afresh.")
+
+
 def read_probe(resume_from: Optional[Path], starts: List[Dict[str, object]], steps: int) -> Optional[dict]:
-    """The probes' outcome saved beside the checkpoint a run resumes from, when it probed the same
-    starts for as many steps (the resumed training must continue the start it began with)."""
-    path = Path(resume_from).parent / PROBE_FILE if resume_from is not None else None
-    if path is None or not path.is_file():
+    """For a resumed run: the probes' outcome saved beside its checkpoint when they probed the same
+    starts for as many steps and chose the checkpoint's start; else that start, without the scores.
+    None for a fresh run."""
+    if resume_from is None:
         return None
-    probe = json.loads(path.read_text())
-    if probe.get("starts") != starts or probe.get("steps") != steps:
-        return None
-    return {**probe, "reused_from": str(path)}
+    chosen = checkpoint_start(resume_from, starts)
+    path = Path(resume_from).parent / PROBE_FILE
+    if path.is_file():
+        probe = json.loads(path.read_text())
+        if probe.get("starts") == starts and probe.get("steps") == steps and probe.get("chosen") == chosen:
+            return {**probe, "reused_from": str(path)}
+    return {"steps": steps, "starts": starts, "chosen": chosen, "results": [],
+            "reused_from": f"{resume_from} (the start its training began from; the probes' scores were not found)"}
 
 
 class _Unreadable:
@@ -253,8 +273,8 @@ class StatsMergingCoefficients:
             StatsMergeLearner(1, configured["hidden_dim"], configured["learner_layers"], configured["output"],
                               init, configured["max_coefficient"])
         checked_starts = check_starts(starts, configured, kwargs.get("select_by", "last"), learner_path)
-        if int(start_probe_steps) < 1:
-            raise UserError(f"start_probe_steps must be >= 1, got {start_probe_steps}.")
+        if not isinstance(start_probe_steps, int) or start_probe_steps < 1:
+            raise UserError(f"start_probe_steps must be an integer >= 1, got {start_probe_steps!r}.")
         super().__init__(**kwargs)
         self.starts, self.start_probe_steps = checked_starts, int(start_probe_steps)
         for key, value in configured.items():  # the values in force (from the file when reused)
@@ -357,9 +377,12 @@ class StatsMergingCoefficients:
         if probe is None:
             with self.profile("start probe"):
                 probe = self.probe_starts(engine, model_names, pixels, targets, selection_data, steps)
-            if distributed.is_rank_zero(self.fabric):
-                artifacts.save_json(f"{out_dir}/{PROBE_FILE}", probe)
+        if distributed.is_rank_zero(self.fabric):  # also when reused: the run's folder says how it started
+            artifacts.save_json(f"{out_dir}/{PROBE_FILE}", probe)
         chosen = self.starts[probe["chosen"]]
+        if (self.output, self.init_coefficient) != tuple(chosen.values()):
+            log.info("%s: starts replace output %s / init_coefficient %s", self.method_label, self.output,
+                     self.init_coefficient)
         self.output, self.init_coefficient = chosen["output"], chosen["init_coefficient"]
         self._start_probe = probe
         log.info("%s: going on from start %s (agreement with the experts after the probes: %s)", self.method_label,
@@ -385,6 +408,8 @@ class StatsMergingCoefficients:
                             "best_step": selection["best_step"],
                             "agreement_by_step": selection["agreement_by_step"]})
         chosen = max(range(len(results)), key=lambda i: (results[i]["best_agreement"], -i))
+        # every rank goes on with rank 0's choice (a near tie could split ranks whose scores differ in the last bit)
+        chosen = int(self.fabric.broadcast(chosen, src=0)) if distributed.world_size(self.fabric) > 1 else chosen
         return {"steps": steps, "starts": self.starts, "results": results, "chosen": chosen,
                 "images": "validation split (unlabeled), as select_by"}
 
