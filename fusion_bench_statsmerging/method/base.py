@@ -542,7 +542,6 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             elif self.fabric.device.type != "cpu":
                 log.info("%s: the fit set (%.1f GB) stays in host memory (fit_data_on_device=%s); each "
                          "step copies its batch", self.method_label, size / 1e9, self.fit_data_on_device)
-            self._start_data, self._start_data_source = scoring_images(selection_data, pixels, targets)
         with self.profile("task vectors"):
             dtype = getattr(torch, self.task_vector_dtype) if self.task_vector_dtype else None
             engine = build_engine(self.merge_engine, pretrained, [experts[n] for n in names],

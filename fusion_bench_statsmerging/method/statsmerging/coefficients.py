@@ -33,8 +33,8 @@ from ...engine.stats import (
     FeatureNormalizer, layer_wise_statistics, num_features, task_wise_statistics, validate_features,
 )
 from ...engine.distillation import Protocol, get_protocol
-from ..base import PoolError
-from ...engine.checkpoint import ResumeError
+from ..base import PoolError, scoring_images
+from ...engine.checkpoint import ResumeError, fingerprint
 from ...utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,14 @@ def check_auto_start(output: str, learner_path: Optional[str]) -> None:
                          "over the experts and has no start to search).")
 
 
+def check_learner_settings(configured: Mapping[str, object], output: str, init: float) -> None:
+    """A throwaway learner built with these settings: its own checks (output, start, bound) run now,
+    before any model is loaded, and fail as a :class:`UserError`."""
+    with settings_errors():
+        StatsMergeLearner(1, configured["hidden_dim"], configured["learner_layers"], output, init,
+                          configured["max_coefficient"])
+
+
 def check_starts(starts: Optional[Sequence[Mapping]], configured: Mapping[str, object], select_by: str,
                  learner_path: Optional[str]) -> List[Dict[str, object]]:
     """``starts`` as plain dicts with both keys (a key a start leaves out takes the method's value),
@@ -140,9 +148,7 @@ def check_starts(starts: Optional[Sequence[Mapping]], configured: Mapping[str, o
         if isinstance(one["init_coefficient"], str) or one["init_coefficient"] is None:
             raise UserError(f"starts[{i}]: init_coefficient must be a number, got {one['init_coefficient']!r}.")
         one["init_coefficient"] = float(one["init_coefficient"])
-        with settings_errors():
-            StatsMergeLearner(1, configured["hidden_dim"], configured["learner_layers"], one["output"],
-                              one["init_coefficient"], configured["max_coefficient"])
+        check_learner_settings(configured, one["output"], one["init_coefficient"])
         result.append(one)
     return result
 
@@ -151,8 +157,8 @@ def checkpoint_start(resume_from: Path, starts: List[Dict[str, object]]) -> int:
     """Which of ``starts`` the checkpoint's training began from (its settings name it): a resumed run
     goes on with that start, whatever probes ran since."""
     config = torch.load(resume_from, map_location="cpu", weights_only=False).get("config", {})
-    for i, start in enumerate(starts):  # the checkpoint keeps each setting as text
-        if all(config.get(k) == str(start[k]) for k in START_KEYS):
+    for i, start in enumerate(starts):  # compared as the checkpoint keeps its settings
+        if all(config.get(k) == v for k, v in fingerprint(start).items()):
             return i
     raise ResumeError(f"cannot resume from '{resume_from}': its training began from output "
                       f"{config.get('output')}, init_coefficient {config.get('init_coefficient')}, which is not one "
@@ -268,10 +274,7 @@ class StatsMergingCoefficients:
             init = START_FRACTIONS[len(START_FRACTIONS) // 2] * float(configured["max_coefficient"])
         elif isinstance(init, str):
             raise UserError(f"init_coefficient must be a number or 'auto', got '{init}'.")
-        # Build a throwaway learner to validate output/init/depth settings up front.
-        with settings_errors():
-            StatsMergeLearner(1, configured["hidden_dim"], configured["learner_layers"], configured["output"],
-                              init, configured["max_coefficient"])
+        check_learner_settings(configured, configured["output"], init)
         checked_starts = check_starts(starts, configured, kwargs.get("select_by", "last"), learner_path)
         if not isinstance(start_probe_steps, int) or start_probe_steps < 1:
             raise UserError(f"start_probe_steps must be an integer >= 1, got {start_probe_steps!r}.")
@@ -330,12 +333,10 @@ class StatsMergingCoefficients:
                      len(saved.pool.get("param_names", [])) or "?", self.normalizer)
         else:
             self._normalizer = FeatureNormalizer.fit(raw)
-            self._start = self.init_coefficient
-            if self._start == "auto":
-                self._start = self.search_start(engine)
+            start = self._searched_start if self.init_coefficient == "auto" else self.init_coefficient
             learner = StatsMergeLearner(
                 num_features(feats, self.rank), self.hidden_dim, self.learner_layers, self.output,
-                self._start, self.max_coefficient,
+                start, self.max_coefficient,
                 use_depth=self.use_depth and self.mode == "layer_wise",
             )
         log.info("StatsMergeLearner: %d parameters; statistics %s", sum(p.numel() for p in learner.parameters()),
@@ -345,7 +346,7 @@ class StatsMergingCoefficients:
         return LearnerCoefficients(learner, self._normalizer(raw).float(), len(engine.param_names), self.mode,
                                    residual=self.residual)
 
-    def search_start(self, engine: nn.Module) -> float:
+    def search_start(self, engine: nn.Module, data: tuple, source: str) -> float:
         """``init_coefficient: auto``: the learner starts where task arithmetic agrees best with the
         experts on unlabeled images (label-free; the images ``select_by`` scores, else the first fit
         images). The best uniform scale depends on the pool (e.g. on how many experts share it), so a
@@ -355,21 +356,29 @@ class StatsMergingCoefficients:
         for fraction in START_FRACTIONS:
             value = round(fraction * float(self.max_coefficient), 6)
             fixed = torch.full(shape, value, device=self.fabric.device)
-            scores[value] = self.selection_score(engine, lambda: fixed, self._start_data)
+            scores[value] = self.selection_score(engine, lambda: fixed, data)
         best = max(scores, key=scores.get)  # ties: the smaller start
-        self._start_search = {"images": self._start_data_source, "agreement": scores, "chosen": best}
+        self._start_search = {"images": source, "agreement": scores, "chosen": best}
         log.info("%s: start at %.2f (task arithmetic's agreement with the experts: %s)", self.method_label,
                  best, {k: round(v, 4) for k, v in scores.items()})
         return best
 
     # ------------------------------------------------------------------ starts
     def choose_start(self, engine, model_names, pixels, targets, selection_data, out_dir, resume_from) -> None:
-        """``starts``: train a fresh learner from each start for ``start_probe_steps`` steps and go on
+        """Settle the learner's start before it is built.
+
+        ``init_coefficient: auto``: task arithmetic's scales scored on unlabeled images (:meth:`search_start`).
+
+        ``starts``: train a fresh learner from each start for ``start_probe_steps`` steps and go on
         with the start whose kept state the experts agree with most on the unlabeled validation images.
         Why: which start trains best differs between pools (on our text suite the start at 0, on the
-        CNN suites task arithmetic at 0.3) and is not told by how well the start itself merges
-        (``init_coefficient: auto``); a short trial of each, scored label-free, tells it. The run then
-        trains the winner afresh, exactly as a run configured with that start alone would."""
+        CNN suites task arithmetic at 0.3) and is not told by how well the start itself merges (what
+        ``auto`` measures); a short trial of each, scored label-free, tells it. The run then trains the
+        winner afresh, exactly as a run configured with that start alone would."""
+        if self.init_coefficient == "auto":  # (refused with learner_path and with starts)
+            with self.profile("start search"):
+                self._searched_start = self.search_start(engine, *scoring_images(selection_data, pixels, targets))
+            return
         if not self.starts:
             return
         steps = min(self.start_probe_steps, self._schedule.max_steps)  # a probe is never longer than the run
@@ -428,7 +437,7 @@ class StatsMergingCoefficients:
         saved = self._saved_learner
         options = {k: getattr(self, k) for k in LEARNER_OPTIONS}
         if options["init_coefficient"] == "auto":  # the file keeps the start that was used
-            options["init_coefficient"] = self._start
+            options["init_coefficient"] = self._searched_start
         provenance = {"method": self.method_label, "protocol": self._protocol.name, "max_steps": self._schedule.max_steps if hasattr(self, "_schedule") else self.max_steps,
                       "loaded_from": saved.path if saved else None,
                       "normalizer": ("fitted on this pool" if saved is None or self.normalizer == "refit"
