@@ -96,23 +96,38 @@ START_RUNS = ("ablation_r_init03_long3k", "ablation_r_long3k")
 PROBE_STEPS = 300
 
 
+def logged_agreement(run_dir: Path) -> Dict[int, float]:
+    """The validation agreement a StatsMerging-R run's report logged, by step (every ``select_every``
+    steps; {} when the report is missing). Agreement is with the experts: no label."""
+    path = run_dir / "statsmerging_report.json"
+    if not path.is_file():
+        return {}
+    logged = json.loads(path.read_text()).get("selection", {}).get("agreement_by_step", {})
+    return {int(k): v for k, v in logged.items()}
+
+
+def _probe_scores(runs: Path, steps: int) -> Optional[Dict[str, Dict[int, float]]]:
+    """Each of START_RUNS' logged agreement, or None when one run has none within ``steps``."""
+    logged = {key: logged_agreement(runs / key) for key in START_RUNS}
+    return logged if all(any(k <= steps for k in log) for log in logged.values()) else None
+
+
+def _probe_best(log: Dict[int, float], steps: int) -> float:
+    return max(v for k, v in log.items() if k <= steps)
+
+
+def _pick(logged: Dict[str, Dict[int, float]], steps: int) -> str:
+    return max(START_RUNS, key=lambda k: (_probe_best(logged[k], steps), -START_RUNS.index(k)))
+
+
 def replay_pick(runs: Path, steps: int = PROBE_STEPS) -> Optional[str]:
     """Which of START_RUNS the probes of ``ablation_r_two_starts`` pick on a comparison whose ``runs``
     folder holds both: each probe is the first ``steps`` steps of that start's own run (same seed,
     batches and schedule), scored by the best validation agreement up to there, which the run's
-    report logged (``selection.agreement_by_step``, every 100 steps); ties: the start listed first.
-    Reads no label: the agreement is with the experts. None when a run or its log is missing."""
-    best = {}
-    for key in START_RUNS:
-        path = runs / key / "statsmerging_report.json"
-        if not path.is_file():
-            return None
-        logged = json.loads(path.read_text()).get("selection", {}).get("agreement_by_step", {})
-        upto = [v for k, v in logged.items() if int(k) <= steps]
-        if not upto:
-            return None
-        best[key] = max(upto)
-    return max(START_RUNS, key=lambda k: (best[k], -START_RUNS.index(k)))
+    report logged (:func:`logged_agreement`); ties: the start listed first. None when a run or its log
+    is missing."""
+    logged = _probe_scores(runs, steps)
+    return None if logged is None else _pick(logged, steps)
 
 
 def replay_markdown(dirs: List[Path], steps: int = PROBE_STEPS) -> str:
@@ -121,16 +136,15 @@ def replay_markdown(dirs: List[Path], steps: int = PROBE_STEPS) -> str:
     lines = ["| suite | start (run) | agreement, probe (<= %d steps) | agreement, whole run | val | test | picked |"
              % steps, "|---|---|---|---|---|---|---|"]
     for d in dirs:
-        pick = replay_pick(d / "runs", steps)
-        if pick is None:
+        logged = _probe_scores(d / "runs", steps)
+        if logged is None:
             continue
+        pick = _pick(logged, steps)
         for key in START_RUNS:
-            logged = json.loads((d / "runs" / key / "statsmerging_report.json").read_text())["selection"]
-            scores = {int(k): v for k, v in logged["agreement_by_step"].items()}
             val, test = _scores(d / "runs" / key)
-            cells = [f"{100 * max(v for k, v in scores.items() if k <= steps):.2f}",
-                     f"{100 * max(scores.values()):.2f}", "" if val is None else f"{100 * val:.2f}",
-                     "" if test is None else f"{100 * test:.2f}", "yes" if key == pick else ""]
+            cells = [f"{100 * _probe_best(logged[key], steps):.2f}", f"{100 * max(logged[key].values()):.2f}",
+                     "" if val is None else f"{100 * val:.2f}", "" if test is None else f"{100 * test:.2f}",
+                     "yes" if key == pick else ""]
             lines.append(f"| {d.name} | {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
