@@ -3,7 +3,8 @@
 Training fits the train split's unlabeled images; every ``select_every`` steps the merged
 model is scored by how often it predicts what each expert predicts on unlabeled images of the
 *validation* split (never labels, never test images), and the best state is kept. This guards a
-long schedule against overfitting the small fit sets without reading a single label.
+long schedule against overfitting the small fit sets without reading a single label. A task whose pool
+has no validation split is scored on a slice of its train split held out from the fit (``holdout.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from typing import Dict, Optional
 from torch import nn
 
 SELECTIONS = ("last", "validation_agreement")
+# where the scored images come from, as reports name it (fit_data says, per task, which rows were held out)
+SELECTION_IMAGES = ("unlabeled, as select_by: each task's validation split, or a slice of its train split held "
+                    "out from the fit where it has none (fit_data: held_out_for_selection)")
 
 
 class BestState:

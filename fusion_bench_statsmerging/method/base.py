@@ -35,14 +35,15 @@ from ..engine.inputs import (Inputs, keep_fit_data_on_device, nbytes, num_rows, 
 from .hints import check_hub_files, taskpool_hint
 from ..engine.distillation import (
     LOSSES, agreement, distillation_loss, feature_loss, get_protocol, load_labels, num_fit_samples,
-    sample_indices,
 )
+from ..engine.holdout import held_out_slices, sample_rows
 from ..engine.merge import HostLayerWiseEngine, check_same_architecture, trainable_names
 from ..engine.profiling import LoopClock, StepProfiler
+from ..engine.progress import RunProgress
 from ..engine.sam import SAM, OutputPerturbation
 from ..utils.preflight import check_loaded_model, check_writable
 from ..engine.schedule import Schedule, check_schedule, resolve_schedule
-from ..engine.selection import SELECTIONS, BestState
+from ..engine.selection import SELECTION_IMAGES, SELECTIONS, BestState
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def scoring_images(selection_data: Optional[tuple], pixels: Dict[str, Inputs], t
     """Images (with the experts' targets) that label-free scores read, and where they come from: the
     unlabeled validation images of ``select_by: validation_agreement``, else the first fit images."""
     if selection_data is not None:
-        return selection_data, "validation split (unlabeled), as select_by"
+        return selection_data, SELECTION_IMAGES
     first = slice(0, SCORING_ROWS)
     return (({t: take(p, first) for t, p in pixels.items()}, {t: take(v, first) for t, v in targets.items()}),
             f"train split (unlabeled): the first {SCORING_ROWS} fit images per task")
@@ -87,6 +88,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
 
     method_label = "coefficient distillation"
     report_name = "statsmerging_report.json"  # each method names its own report file
+    _progress: Optional[RunProgress] = None  # the run's steps over all its phases, set once the schedule is known
 
     def __init__(
         self,
@@ -181,6 +183,11 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         """Before the coefficient module is built: a method may settle where it starts (StatsMerging's
         ``starts``); by default there is nothing to choose."""
 
+    def planned_steps(self) -> Dict[str, int]:
+        """The optimisation steps of each phase of the run, said before the first (a method adds its own
+        phases, e.g. StatsMerging's start probes)."""
+        return {"training": self._schedule.max_steps}
+
     def extra_artifacts(self, coefficient_module: nn.Module, out_dir: str) -> Dict[str, str]:
         """Method-specific files (e.g. the trained learner); returns name -> path."""
         return {}
@@ -229,9 +236,15 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
                 "To evaluate a single model, use the host's `method=dummy`."
             )
         datasets = self.load_split(modelpool, self._protocol.split, names, f"Protocol '{self._protocol.name}' fits")
-        if self.select_by == "validation_agreement":
-            self._selection_datasets = self.load_split(
-                modelpool, "validation", names, "select_by: validation_agreement scores unlabeled images")
+        if self.select_by == "validation_agreement":  # a task without a validation split: a held-out train slice
+            own = [n for n in names if n in (modelpool.val_dataset_names or [])]
+            purpose = "select_by: validation_agreement scores unlabeled images"
+            self._selection_datasets = self.load_split(modelpool, "validation", own, purpose)
+            others = [n for n in names if n not in own]
+            train = datasets if self._protocol.split == "train" else self.load_split(modelpool, "train", others, purpose)
+            self._held_out = held_out_slices({n: len(train[n]) for n in others}, int(self.select_samples),
+                                             int(self.batch_size), self.seed)
+            self._selection_datasets.update({n: train[n] for n in others})
         return datasets
 
     def load_split(self, modelpool, split: str, names: List[str], purpose: str) -> Dict[str, object]:
@@ -270,12 +283,15 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         pixels, targets, info = {}, {}, {}
         self._fit_indices = {}  # checkpoints keep them: a resume on other samples is refused
         for t_idx, (task, ds) in enumerate(tqdm(datasets.items(), "Teacher targets")):
-            n = num_fit_samples(len(ds), self.data_fraction, min_samples, self.max_samples_per_task)
-            idx = sample_indices(len(ds), n, self.seed + t_idx)
+            held = getattr(self, "_held_out", {}).get(task) if self._protocol.split == "train" else None
+            rows = held.fit_rows if held else range(len(ds))  # never the rows selection reads
+            n = num_fit_samples(len(rows), self.data_fraction, min_samples, self.max_samples_per_task)
+            idx = sample_rows(rows, n, self.seed + t_idx)
             self._fit_indices[task] = idx
             pixels[task], targets[task] = self.labelled_inputs(task, ds, idx, experts[task],
                                                                self._protocol.ground_truth)
-            info[task] = {"split": self._protocol.split, "num_samples": n, "dataset_size": len(ds)}
+            info[task] = {"split": self._protocol.split, "num_samples": n, "dataset_size": len(ds),
+                          **(held.as_dict() if held else {})}
         return pixels, targets, info
 
     def labelled_inputs(self, task: str, dataset, indices: List[int], expert: nn.Module,
@@ -301,8 +317,9 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             return None
         inputs, targets = {}, {}
         for t_idx, (task, ds) in enumerate(datasets.items()):
-            n = min(int(self.select_samples), len(ds))
-            idx = sample_indices(len(ds), n, self.seed + 7919 + t_idx)
+            held = getattr(self, "_held_out", {}).get(task)
+            rows = held.held_out if held else range(len(ds))
+            idx = sample_rows(rows, min(int(self.select_samples), len(rows)), self.seed + 7919 + t_idx)
             inputs[task], targets[task] = self.labelled_inputs(task, ds, idx, experts[task], with_features=False)
         return inputs, targets
 
@@ -459,6 +476,9 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             if scheduler is not None:
                 scheduler.step()
             clock.step_done()
+            estimate = self._progress.step() if self._progress else None
+            if estimate and distributed.is_rank_zero(self.fabric):
+                tqdm.write(estimate)
             if step == start:
                 clock.lap("first step")
             bucket = "profiled steps" if profiler is not None and profiler.active else "steps"
@@ -472,7 +492,8 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
                     metrics.update({f"train/loss_{t}": float(v.detach()) for t, v in losses.items()})
                     self.fabric.log_dict({log_prefix + k: v for k, v in metrics.items()}, step=step)
                     history.append({"step": step, **metrics})
-                    pbar.set_postfix(loss=f"{float(loss.detach()):.4f}", coef=f"{float(coef.mean()):.3f}")
+                    pbar.set_postfix(loss=f"{float(loss.detach()):.4f}", coef=f"{float(coef.mean()):.3f}",
+                                     **(self._progress.postfix() if self._progress else {}))
             if best is not None and ((step + 1) % self.select_every == 0 or step == steps - 1):
                 with clock.section("selection", bucket):
                     score = self.selection_score(engine, coefficient_module, selection_data)
@@ -535,6 +556,9 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
                                               self.max_steps, self.max_epochs, self.lr_step_size,
                                               self.lr_step_epochs)
             log.info("%s: schedule %s", self.method_label, self._schedule.as_dict())
+            self._progress = RunProgress(self.method_label, self.planned_steps())
+            if distributed.is_rank_zero(self.fabric):
+                print(self._progress.plan(), flush=True)
             size = nbytes(pixels) + nbytes(targets)
             if keep_fit_data_on_device(self.fit_data_on_device, size, self.fabric.device):  # no copy per step
                 pixels = {t: self.fabric.to_device(p) for t, p in pixels.items()}
@@ -606,7 +630,8 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
     def report_extras(self) -> Dict[str, object]:
         """Optional entries of the JSON report: where the loop's time went, the profile when asked
         for one; a subclass adds its own (e.g. how its start was chosen)."""
-        return {**({"loop": self._loop} if getattr(self, "_loop", None) else {}),
+        return {**({"planned_steps": self._progress.phases} if self._progress else {}),
+                **({"loop": self._loop} if getattr(self, "_loop", None) else {}),
                 **({"profile": self._profile} if getattr(self, "_profile", None) else {})}
 
     def phase_seconds(self) -> Dict[str, float]:

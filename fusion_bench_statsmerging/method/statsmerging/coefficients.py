@@ -33,6 +33,7 @@ from ...engine.stats import (
     FeatureNormalizer, layer_wise_statistics, num_features, task_wise_statistics, validate_features,
 )
 from ...engine.distillation import Protocol, get_protocol
+from ...engine.selection import SELECTION_IMAGES
 from ..base import PoolError, scoring_images
 from ...engine.checkpoint import ResumeError, fingerprint
 from ...utils.errors import UserError
@@ -397,6 +398,11 @@ class StatsMergingCoefficients:
         log.info("%s: going on from start %s (agreement with the experts after the probes: %s)", self.method_label,
                  chosen, [round(r["best_agreement"], 4) for r in probe["results"]])
 
+    def planned_steps(self) -> Dict[str, int]:
+        """The start probes run before the training (a resumed run that finds their scores skips them)."""
+        probes = len(self.starts) * min(self.start_probe_steps, self._schedule.max_steps) if self.starts else 0
+        return {"start probes": probes, **super().planned_steps()}
+
     def probe_starts(self, engine, model_names, pixels, targets, selection_data, steps: int) -> Dict[str, object]:
         """Each start trained for ``steps`` steps from the same random state (the learner's
         initialisation), batches and schedule; scored as ``select_by: validation_agreement`` scores
@@ -420,7 +426,7 @@ class StatsMergingCoefficients:
         # every rank goes on with rank 0's choice (a near tie could split ranks whose scores differ in the last bit)
         chosen = int(self.fabric.broadcast(chosen, src=0)) if distributed.world_size(self.fabric) > 1 else chosen
         return {"steps": steps, "starts": self.starts, "results": results, "chosen": chosen,
-                "images": "validation split (unlabeled), as select_by"}
+                "images": SELECTION_IMAGES}
 
     def report_extras(self) -> Dict[str, object]:
         search = getattr(self, "_start_search", None)
