@@ -60,6 +60,7 @@ class _HeadsHooks:
     """The three hooks of the host's AdaMerging classes, for per-task-head pools."""
 
     modelpool: Any
+    pool_family = "heads"  # method/hints.pool_family
 
     def _device(self):
         raise NotImplementedError

@@ -95,6 +95,8 @@ def as_adamerging_config(algorithm_config: Optional[DictConfig], kwargs: dict,
 class CLIPLayerWiseAdaMergingTrainSplit(CLIPLayerWiseAdaMergingAlgorithm):
     """Layer-wise AdaMerging on label-free train (or validation) images."""
 
+    pool_family = "clip"  # method/hints.pool_family
+
     def __init__(self, algorithm_config: Optional[DictConfig] = None, **kwargs):
         super().__init__(as_adamerging_config(algorithm_config, kwargs))
 
@@ -105,6 +107,8 @@ class CLIPLayerWiseAdaMergingTrainSplit(CLIPLayerWiseAdaMergingAlgorithm):
 
 class CLIPTaskWiseAdaMergingTrainSplit(CLIPTaskWiseAdaMergingAlgorithm):
     """Task-wise AdaMerging on label-free train (or validation) images."""
+
+    pool_family = "clip"  # method/hints.pool_family
 
     def __init__(self, algorithm_config: Optional[DictConfig] = None, **kwargs):
         super().__init__(as_adamerging_config(algorithm_config, kwargs))

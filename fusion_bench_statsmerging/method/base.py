@@ -32,7 +32,7 @@ from ..engine.checkpoint import CHECKPOINT_NAME, Checkpointer, StopFlag, resolve
 from ..utils.errors import PoolError, UserError
 from ..engine.inputs import (Inputs, keep_fit_data_on_device, nbytes, num_rows, on_devices, take, take_on,
                              target_logits)
-from .hints import check_hub_files, taskpool_hint
+from .hints import check_hub_files, family_mismatch, taskpool_hint
 from ..engine.distillation import (
     LOSSES, agreement, distillation_loss, feature_loss, get_protocol, load_labels, num_fit_samples,
 )
@@ -88,6 +88,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
 
     method_label = "coefficient distillation"
     report_name = "statsmerging_report.json"  # each method names its own report file
+    pool_family: Optional[str] = None  # the model pools a family merges (method/hints.pool_family)
     _progress: Optional[RunProgress] = None  # the run's steps over all its phases, set once the schedule is known
 
     def __init__(
@@ -224,6 +225,10 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
 
         Returns the fitting dataset of each task (already loaded, reused later).
         """
+        # a view (Seq2SeqPoolView, the data-free reuse pool) keeps the pool it shows in `_pool`
+        mismatch = family_mismatch(self.method_label, self.pool_family, type(getattr(modelpool, "_pool", modelpool)))
+        if mismatch:
+            raise PoolError(mismatch)
         names = list(modelpool.model_names)
         if not modelpool.has_pretrained:
             raise PoolError(
@@ -478,7 +483,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             clock.step_done()
             estimate = self._progress.step() if self._progress else None
             if estimate and distributed.is_rank_zero(self.fabric):
-                tqdm.write(estimate)
+                log.info(estimate)
             if step == start:
                 clock.lap("first step")
             bucket = "profiled steps" if profiler is not None and profiler.active else "steps"
@@ -558,7 +563,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             log.info("%s: schedule %s", self.method_label, self._schedule.as_dict())
             self._progress = RunProgress(self.method_label, self.planned_steps())
             if distributed.is_rank_zero(self.fabric):
-                print(self._progress.plan(), flush=True)
+                log.info(self._progress.plan())
             size = nbytes(pixels) + nbytes(targets)
             if keep_fit_data_on_device(self.fit_data_on_device, size, self.fabric.device):  # no copy per step
                 pixels = {t: self.fabric.to_device(p) for t, p in pixels.items()}

@@ -27,6 +27,8 @@ TEACHER_BATCH = 64
 class CLIPCoefficientDistillation(CLIPClassificationMixin, CoefficientDistillation):
     """Coefficient distillation on CLIP vision pools (the host's TA8/TALL pools, our suites)."""
 
+    pool_family = "clip"
+
     def setup_task_heads(self, task_names: List[str]) -> None:
         self.setup_zero_shot_classification_head(task_names=task_names)
 

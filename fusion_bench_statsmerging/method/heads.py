@@ -88,6 +88,8 @@ def require_heads_pool(modelpool, clip_alternative: str) -> None:
 class HeadsCoefficientDistillation(LightningFabricMixin, CoefficientDistillation):
     """Coefficient distillation on shared-backbone pools with one frozen head per task."""
 
+    pool_family = "heads"
+
     def __init__(self, batchnorm: str = "reestimate", batchnorm_batch_size: Optional[int] = None, **kwargs):
         if batchnorm not in BATCHNORM_MODES:
             raise ValueError(f"Unknown batchnorm '{batchnorm}'; choose one of {list(BATCHNORM_MODES)}.")

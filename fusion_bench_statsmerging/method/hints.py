@@ -36,6 +36,36 @@ EVALUATING_TASKPOOL = {
 }
 
 
+# a family of pools -> the methods that merge it, as the user types them
+FAMILY_METHODS = {
+    "clip": "method=statsmerging (statsmerging_residual, samerging, ...)",
+    "heads": "method=statsmerging_heads (statsmerging_residual_heads, samerging_heads, adamerging_heads, ...)",
+    "seq2seq": "method=statsmerging_flan_t5 (or statsmerging_flan_t5_taskwise)",
+}
+
+
+def pool_family(pool_class: type) -> Optional[str]:
+    """``clip``, ``heads`` or ``seq2seq``: which methods' model family a pool class serves (None: another)."""
+    from fusion_bench.modelpool import CLIPVisionModelPool, Seq2SeqLMPool
+
+    from ..modelpool.heads import PerTaskHeadsModelPool
+
+    for family, base in (("heads", PerTaskHeadsModelPool), ("clip", CLIPVisionModelPool), ("seq2seq", Seq2SeqLMPool)):
+        if issubclass(pool_class, base):
+            return family
+    return None
+
+
+def family_mismatch(method: str, method_family: Optional[str], pool_class: type) -> Optional[str]:
+    """One line when a method of one model family is given a pool of another (a config pair that cannot
+    apply), naming the methods that merge that pool; None when it applies or either side is any family."""
+    family = pool_family(pool_class)
+    if method_family is None or family is None or family == method_family:
+        return None
+    return (f"{method} merges {method_family} model pools, and {pool_class.__name__} is a {family} pool: "
+            f"use {FAMILY_METHODS[family]} with it.")
+
+
 def hydra_choice(group: str) -> str:
     """The config the user chose for a group (``modelpool=...``), or '' outside a Hydra run."""
     try:

@@ -23,5 +23,7 @@ from fusion_bench.method.regmean_plusplus.regmean_plusplus import RegMeanAlgorit
 class CLIPRegMeanPlusPlus(RegMeanAlgorithmForCLIPPlusPlus):
     """The host's CLIP RegMean++ with a ``bidict`` config mapping (see the module docstring)."""
 
+    pool_family = "clip"  # method/hints.pool_family
+
     _config_mapping = bidict({**RegMeanAlgorithmPlusPlus._config_mapping,
                               **RegMeanAlgorithmForCLIPPlusPlus._config_mapping})

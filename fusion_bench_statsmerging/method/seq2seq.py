@@ -244,6 +244,8 @@ def pad_cat(parts: Sequence[Dict[str, Tensor]], pad_id: int) -> Dict[str, Tensor
 class Seq2SeqCoefficientDistillation(LightningFabricMixin, CoefficientDistillation):
     """Coefficient distillation on seq2seq LM pools (Flan-T5 on GLUE), scored on label words."""
 
+    pool_family = "seq2seq"
+
     def __init__(
         self,
         label_scoring: str = "auto",

@@ -401,7 +401,7 @@ class StatsMergingCoefficients:
     def planned_steps(self) -> Dict[str, int]:
         """The start probes run before the training (a resumed run that finds their scores skips them)."""
         probes = len(self.starts) * min(self.start_probe_steps, self._schedule.max_steps) if self.starts else 0
-        return {"start probes": probes, **super().planned_steps()}
+        return {**({"start probes": probes} if probes else {}), **super().planned_steps()}
 
     def probe_starts(self, engine, model_names, pixels, targets, selection_data, steps: int) -> Dict[str, object]:
         """Each start trained for ``steps`` steps from the same random state (the learner's
