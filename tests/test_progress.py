@@ -19,3 +19,20 @@ def test_plan_counts_every_phase_and_the_estimate_comes_once_from_the_steady_ste
 
 def test_duration_is_short():
     assert [duration(s) for s in (42, 725, 3720)] == ["42s", "12m05s", "1h02m"]
+
+
+def test_end_to_end_plans_each_configuration_with_its_own_schedule():
+    """benchmarks/end_to_end.py --schedule real: the paper's 500 epochs and StatsMerging-R's probes, on a
+    suite without a validation split (256 train images per task held out); --schedule fixed: N steps."""
+    import sys
+
+    from conftest import REPO_ROOT
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import end_to_end as e2e
+
+    plan = lambda v, schedule="real", n=73257: e2e.planned_steps(  # noqa: E731
+        *e2e.method_and_overrides(e2e.VARIANTS[v], schedule, 7, n), n, 8, False)
+    assert plan("default") == {"fit_images_per_task": 733, "training": 23000}
+    assert plan("residual", n=400) == {"fit_images_per_task": 144, "start probes": 600, "training": 3000}
+    assert plan("residual", "fixed", 400) == {"fit_images_per_task": 144, "start probes": 14, "training": 7}

@@ -138,9 +138,24 @@ def test_docs_loop_step_figures_are_the_committed_engine_results():
     assert steady <= 1.3 * min(speed["bf16"]["mean_ms"], speed["fp32"]["mean_ms"])  # issue 19's 1.3x
     assert f"{steady / speed['bf16']['mean_ms']:.2f}x the bf16 step" in section
     assert f"{steady / speed['fp32']['mean_ms']:.2f}x the fp32 one" in section
+
+
+def test_readme_cost_line_is_the_committed_real_schedule_run():
+    """The README's cost line quotes the run of end_to_end.py with each configuration's own schedule (CPU
+    figures, labelled so), and docs/benchmarks.md's table of it; no fixed-step benchmark stands for a merge."""
+    run = json.loads((REPO_ROOT / "docs" / "results" / "e2e_real_tiny_cpu" / "e2e_real_tiny_cpu.json").read_text())
+    assert run["meta"]["schedule"] == "real" and run["meta"]["device"] == "cpu"
+    rows = {r["variant"]: r for r in run["results"]}
+    default, residual = rows["default"], rows["residual"]
+    assert residual["planned_steps"] == {"start probes": 600, "training": 3000} and default["steps"] == 500
     readme = " ".join((REPO_ROOT / "README.md").read_text().split())
-    plain = json.loads((raw / "e2e_b32_issue19d_noprofile.json").read_text())["results"][0]
-    assert f"took {plain['method_seconds']:.1f} s in the method on one H200, {steady:.1f} ms a training step" in readme
+    assert "CPU figures only" in readme and "took 49.7 s in the method" not in readme
+    assert (f"the default's {default['steps']} steps at {default['ms_per_step']:.2f} ms a step, StatsMerging-R's "
+            f"{residual['steps']} (600 + 3000) steps at {residual['ms_per_step']:.2f} ms a step") in readme
+    docs = (REPO_ROOT / "docs" / "benchmarks.md").read_text()
+    for r in (default, residual):
+        row = next(line for line in docs.splitlines() if line.startswith(f"| {r['variant']} | {r['steps']}"))
+        assert f"| {r['method_seconds']:.1f} |" in row and f"| {r['ms_per_step']:.2f} | {r['process_wall_s']:.1f} |" in row
 
 
 def test_docs_auto_start_check_is_the_committed_runs():
