@@ -180,13 +180,6 @@ def test_two_starts_replay_picks_by_agreement_within_the_probe_and_stands_for_th
     assert ablation.collect([suite])[ablation.TWO_STARTS] == {"suite": (0.7, 0.6)}  # no label read to pick
     assert ablation.replay_pick(tmp_path / "empty") is None
 
-    rows = [_row("ablation_r_long3k", "ablation_r_long3k", {"a": 0.6}), _row(ablation.MAIN_KEY, ablation.CHOSEN_LABEL.format(
-        "ablation_r_init03_long3k"), {"a": 0.8})]
-    promoted = ablation.promote_rows(rows, ablation.TWO_STARTS, "ablation_r_long3k")
-    assert [(r["key"], r.get("promoted_from")) for r in promoted] == [
-        (ablation.MAIN_KEY, "ablation_r_long3k"), ("ablation_r_init03_long3k", None)]  # the earlier promotion undone
-    again = ablation.promote_rows(promoted, ablation.TWO_STARTS, "ablation_r_init03_long3k")
-    assert [r["key"] for r in again] == ["ablation_r_long3k", ablation.MAIN_KEY]
 
 
 def test_docs_two_starts_replay_is_the_committed_runs():

@@ -434,6 +434,8 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         scalars) serve short trial runs such as StatsMerging's start probes, which are not profiled."""
         schedule: Schedule = self._schedule
         params = [p for p in coefficient_module.parameters() if p.requires_grad]
+        if not params:  # a frozen learner without residual (max_steps 0, checked up front) has nothing to fit
+            return []
         optimizer = self.make_optimizer(params)
         base_opt = getattr(optimizer, "base_optimizer", optimizer)
         scheduler = (torch.optim.lr_scheduler.StepLR(base_opt, schedule.lr_step_size, self.lr_gamma)

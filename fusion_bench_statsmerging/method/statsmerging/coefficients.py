@@ -153,6 +153,34 @@ def check_starts(starts: Optional[Sequence[Mapping]], configured: Mapping[str, o
     return result
 
 
+def check_frozen_learner(frozen: bool, residual: bool, learner_path: Optional[str],
+                         max_steps: Optional[int]) -> None:
+    """``learner_frozen`` keeps the learner at its start (a constant ``init_coefficient``): the free
+    residual is then all that trains, which is free coefficients (SAMerging's parameterisation) under
+    the very same recipe, probes and selection: the ablation that measures what the learner adds.
+    Without a residual only ``max_steps: 0`` makes sense (task arithmetic at the start, e.g. with
+    ``init_coefficient: auto`` choosing its scale label-free)."""
+    if not frozen:
+        return
+    if learner_path:
+        raise UserError("learner_frozen keeps a fresh learner at its start; with learner_path the saved learner "
+                        "predicts the coefficients: set method.learner_frozen=false.")
+    if not residual and (max_steps is None or int(max_steps) != 0):
+        raise UserError("learner_frozen with residual: false leaves nothing to train: set method.residual=true "
+                        f"(free coefficients) or method.max_steps=0 (task arithmetic at the start); max_steps is "
+                        f"{max_steps}.")
+
+
+def freeze_at_start(learner: StatsMergeLearner) -> StatsMergeLearner:
+    """The learner as a constant: its output layer's weights zeroed (every coefficient exactly the
+    start, whatever the statistics) and no parameter left trainable."""
+    with torch.no_grad():
+        learner.head.weight.zero_()
+    for p in learner.parameters():
+        p.requires_grad_(False)
+    return learner
+
+
 def checkpoint_start(resume_from: Path, starts: List[Dict[str, object]]) -> int:
     """Which of ``starts`` the checkpoint's training began from (its settings name it): a resumed run
     goes on with that start, whatever probes ran since."""
@@ -246,6 +274,7 @@ class StatsMergingCoefficients:
         residual: bool = False,
         starts: Optional[Sequence[Mapping]] = None,
         start_probe_steps: int = 300,
+        learner_frozen: bool = False,
         **kwargs,
     ):
         if normalizer not in NORMALIZERS:
@@ -278,7 +307,9 @@ class StatsMergingCoefficients:
         checked_starts = check_starts(starts, configured, kwargs.get("select_by", "last"), learner_path)
         if not isinstance(start_probe_steps, int) or start_probe_steps < 1:
             raise UserError(f"start_probe_steps must be an integer >= 1, got {start_probe_steps!r}.")
+        check_frozen_learner(bool(learner_frozen), bool(residual), learner_path, kwargs.get("max_steps"))
         super().__init__(**kwargs)
+        self.learner_frozen = bool(learner_frozen)
         self.starts, self.start_probe_steps = checked_starts, int(start_probe_steps)
         for key, value in configured.items():  # the values in force (from the file when reused)
             setattr(self, key, value)
@@ -339,6 +370,8 @@ class StatsMergingCoefficients:
                 start, self.max_coefficient,
                 use_depth=self.use_depth and self.mode == "layer_wise",
             )
+            if self.learner_frozen:
+                learner = freeze_at_start(learner)
         log.info("StatsMergeLearner: %d parameters; statistics %s", sum(p.numel() for p in learner.parameters()),
                  tuple(raw.shape))
         self._raw_statistics = raw.cpu()
