@@ -155,8 +155,10 @@ def markdown(summary: Mapping[str, Mapping]) -> str:
             e = summary[s]["rows"].get(key)
             cells.append("" if e is None else _pct(e["mean"]) + ("" if e["std"] is None else f" ± {100 * e['std']:.2f}"))
         b = entry["budget"]
-        steps = b.get("steps")
-        cells += [str(b.get("images_per_task", "")), "" if steps is None else f"{steps} (x{b.get('passes_per_step')})",
+        steps, images = b.get("steps"), b.get("images_per_task", "")
+        if isinstance(images, list):  # per task (capped at each task's train split)
+            images = f"{images[0]}-{images[-1]}" if len(images) > 1 else str(images[0])
+        cells += [str(images), "" if steps is None else f"{steps} (x{b.get('passes_per_step')})",
                   str(b.get("selection", "")), entry["settings"]]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     lines.append("")
@@ -167,13 +169,14 @@ def markdown(summary: Mapping[str, Mapping]) -> str:
             parts.append(f"best of ours ({gap['ours']}) minus best other merge ({gap['peer']}): {_interval(gap)}")
         if learner:
             parts.append(f"the learner's contribution ({RECOMMENDED} minus {FREE}): {_interval(learner)}")
-        lines.append(f"- **{s}**: " + "; ".join(parts) + " points (mean [95 % interval])")
+        lines.append(f"- **{s}**: " + ("; ".join(parts) + " points (mean [95 % interval])" if parts else
+                                        "no StatsMerging row finished on every build: no gap"))
     return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- unpacking a lease's runs
 KEEP = re.compile(r"(results\.(json|md|csv|png)|program_report\.json|\w+_report\.json|start_probe\.json|"
-                  r"coefficients_heatmap\.png|stderr\.log)$")
+                  r"coefficients_heatmap\.png)$")  # no logs (progress bars: megabytes), weights or checkpoints
 
 
 def unpack(archive: Path, seed: int, root: Path = ROOT) -> List[Path]:
