@@ -133,13 +133,16 @@ def test_resume_refuses_other_settings(tmp_path, suite_dir, cpu_fabric, single_t
             CLIPSuiteModelPool(suite_dir=str(suite_dir)))
 
 
-def test_sigint_waits_for_the_step_then_stops_as_keyboard_interrupt():
-    from fusion_bench_statsmerging.engine.checkpoint import StopFlag
+def test_sigint_waits_for_the_step_then_stops_with_its_exit_status_and_the_resume_override(tmp_path):
+    from fusion_bench_statsmerging.engine.checkpoint import Interrupted, StopFlag
 
     before = signal.getsignal(signal.SIGINT)
     with StopFlag() as stop:
         os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt here: the step may finish
         assert stop.signum == signal.SIGINT
-        with pytest.raises(KeyboardInterrupt):
-            stop.stop()
+        with pytest.raises(Interrupted) as stopped:
+            stop.stop(tmp_path / "checkpoint.pt")
     assert signal.getsignal(signal.SIGINT) is before
+    assert stopped.value.code == 130
+    assert stopped.value.message.startswith("SIGINT: the checkpoint is")
+    assert stopped.value.message.endswith(f"method.resume={tmp_path / 'checkpoint.pt'}")

@@ -40,7 +40,8 @@ from ..engine.distillation import (
 from ..engine.merge import HostLayerWiseEngine, check_same_architecture, trainable_names
 from ..engine.profiling import LoopClock, StepProfiler
 from ..engine.sam import SAM, OutputPerturbation
-from ..utils.preflight import check_loaded_model, check_writable
+from ..utils.preflight import check_loaded_model, check_model_files, check_writable
+from ..utils.settings import check_setting_types
 from ..engine.schedule import Schedule, check_schedule, resolve_schedule
 from ..engine.selection import SELECTIONS, BestState
 
@@ -87,6 +88,11 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
 
     method_label = "coefficient distillation"
     report_name = "statsmerging_report.json"  # each method names its own report file
+
+    def __new__(cls, *args, **kwargs):
+        # every setting's type, before any subclass's checks read one ('abc' for a number names its key)
+        check_setting_types(cls, kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -168,8 +174,9 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         if float(feature_weight) > 0 and self._protocol.ground_truth:
             raise UserError("feature_weight distils the experts' features; protocol train_ground_truth has no "
                              "teacher. Set feature_weight: 0 or choose a label-free protocol.")
-        if temperature <= 0 or lr <= 0:
-            raise UserError(f"temperature and lr must be positive, got {temperature} and {lr}.")
+        for key, value in (("temperature", temperature), ("lr", lr)):
+            if value <= 0:
+                raise UserError(f"{key} must be positive, got {value}.")
         super().__init__(**kwargs)
 
     # ------------------------------------------------------------------ hooks
@@ -518,6 +525,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
         check_hub_files(modelpool, self._program)
         datasets = self.check_pool(modelpool)
         names = list(modelpool.model_names)
+        check_model_files(modelpool, ["_pretrained_", *names])
         torch.manual_seed(self.seed)
 
         with self.profile("load models"):

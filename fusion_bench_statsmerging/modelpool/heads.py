@@ -59,7 +59,7 @@ from torch import nn
 from fusion_bench import BaseModelPool
 
 from ..models.heads import INPUT_KINDS, HeadsBackbone, ImageProcessor, PerTaskHeadsModel, TextProcessor
-from ..utils.preflight import check_loaded_model
+from ..utils.preflight import check_loaded_model, check_model_files
 from .clip_suite import SuiteError, _select
 
 FORMAT = "per_task_heads/1"
@@ -304,8 +304,10 @@ class PerTaskHeadsModelPool(BaseModelPool):
         return self.suite.root / "data" / task / split
 
     def load_model(self, model_name_or_config, *args, **kwargs) -> nn.Module:
-        """Strict: a tensor missing from a checkpoint or a NaN weight is an error naming model and tensor."""
+        """Strict: a tensor missing from a checkpoint or a NaN weight is an error naming model and tensor;
+        a weight file cut short, one naming model and file before anything reads it."""
         if isinstance(model_name_or_config, str) and isinstance(self._models.get(model_name_or_config), str):
+            check_model_files(self, [model_name_or_config])
             backbone = self.suite.load_backbone(self._models[model_name_or_config])
             return check_loaded_model(backbone, model_name_or_config,
                                       pretrained=model_name_or_config == "_pretrained_")

@@ -111,9 +111,13 @@ def compose(overrides: Sequence[str]):
         return hydra_compose(config_name="fabric_model_fusion", overrides=list(overrides))
 
 
-def needs_of_run(overrides: Sequence[str]) -> List[Need]:
-    cfg = compose(overrides)
+def needs_of_config(cfg) -> List[Need]:
+    """What a composed run config (``fusion_bench``'s) reads from the hub."""
     return find_needs({k: _plain(cfg[k]) for k in ("modelpool", "taskpool", "method") if k in cfg})
+
+
+def needs_of_run(overrides: Sequence[str]) -> List[Need]:
+    return needs_of_config(compose(overrides))
 
 
 def needs_of_pools(modelpool: Any, taskpool_config: Any = None) -> List[Need]:
