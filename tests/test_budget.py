@@ -78,13 +78,13 @@ def test_matched_budget_reaches_every_trained_rows_run(tmp_path):
     for key in ("samerging", "statsmerging_layer", "samerging_matched", "statsmerging_learner_matched"):
         budget = rows[key]["budget"]
         assert budget["read_from"] == "the run's report"
-        report = json.loads(next(Path(rows[key]["run_dir"]).glob("*_report.json")).read_text())
+        report = json.loads(next(p for p in Path(rows[key]["run_dir"]).glob("*_report.json") if p.name != "program_report.json").read_text())
         sizes = {v["num_samples"] for v in report["fit_data"].values()}
         assert sizes == {24} and budget["images_per_task"] == 24, (key, sizes)
         assert budget["steps"] == 10, key  # 6 + 2 probes of 2, or 10 plain steps
         assert report["config"]["select_by"] == "validation_agreement" and "agreement_by_step" in report["selection"]
         assert budget["selection"].startswith("label-free agreement on 8 unlabeled validation images")
-    probing = json.loads(next(Path(rows["samerging_matched"]["run_dir"]).glob("*_report.json")).read_text())
+    probing = json.loads((Path(rows["samerging_matched"]["run_dir"]) / "statsmerging_report.json").read_text())
     assert probing["schedule"]["max_steps"] == 6 and len(probing["start_probe"]["results"]) == 2
     assert probing["config"]["learner_frozen"] is True
     assert rows["adamerging_layer_train"]["budget"] == {

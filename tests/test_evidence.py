@@ -82,3 +82,15 @@ def test_unpack_never_replaces_a_raw_build(tmp_path):
     assert not (written / "runs" / "samerging" / "checkpoint.pt").exists()
     with pytest.raises(SystemExit, match="never replaced"):
         evidence.unpack(archive, 3, root)
+
+
+def test_committed_summary_and_readme_table_are_derived_from_the_raw_runs():
+    """docs/results/evidence/summary.json is evidence.py's output on the raw builds beside it, and the README's
+    results table is its markdown: no figure typed by hand."""
+    root = REPO_ROOT / "docs" / "results" / "evidence"
+    committed = json.loads((root / "summary.json").read_text())
+    assert committed == json.loads(json.dumps(evidence.summarize(root)))
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert evidence.replace_table(readme, evidence.markdown(committed)) == readme
+    for suite in ("vision", "hetero", "text"):
+        assert suite in committed

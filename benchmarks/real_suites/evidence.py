@@ -7,6 +7,7 @@ README's table from them:
 
     python benchmarks/real_suites/evidence.py --unpack campaign.tgz --seed 1   # a lease's runs -> raw folders
     python benchmarks/real_suites/evidence.py                                 # summary.json + the table
+    python benchmarks/real_suites/evidence.py --readme README.md              # ... and the README's table
 
 Per suite: each row's mean and standard deviation over builds, its budget; the headline gap (the best
 StatsMerging row against the best other merge, by mean) and the learner's contribution (StatsMerging-R
@@ -174,6 +175,18 @@ def markdown(summary: Mapping[str, Mapping]) -> str:
     return "\n".join(lines) + "\n"
 
 
+BEGIN, END = "<!-- evidence table: begin (benchmarks/real_suites/evidence.py --readme README.md) -->", \
+    "<!-- evidence table: end -->"
+
+
+def replace_table(text: str, table: str) -> str:
+    """``text`` with the part between the evidence markers replaced by ``table``."""
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"evidence.py: error: the README has no '{BEGIN}' ... '{END}' markers to write between")
+    head, rest = text.split(BEGIN, 1)
+    return head + BEGIN + "\n" + table + rest[rest.index(END):]
+
+
 # --------------------------------------------------------------------------- unpacking a lease's runs
 KEEP = re.compile(r"(results\.(json|md|csv|png)|program_report\.json|\w+_report\.json|start_probe\.json|"
                   r"coefficients_heatmap\.png)$")  # no logs (progress bars: megabytes), weights or checkpoints
@@ -210,6 +223,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--unpack", type=Path, metavar="CAMPAIGN_TGZ", help="add a lease's runs as build --seed")
     parser.add_argument("--seed", type=int, help="with --unpack: the seed the suites were built with")
     parser.add_argument("--draws", type=int, default=DRAWS, help="bootstrap draws")
+    parser.add_argument("--readme", type=Path, help="also write the table between the evidence markers of this file")
     args = parser.parse_args(argv)
     if args.unpack:
         if args.seed is None:
@@ -221,7 +235,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"evidence.py: error: no build under {args.root}/<suite>/seed*/", file=sys.stderr)
         return 2
     (args.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(markdown(summary))
+    table = markdown(summary)
+    if args.readme:
+        args.readme.write_text(replace_table(args.readme.read_text(), table))
+    print(table)
     return 0
 
 
