@@ -114,7 +114,7 @@ def heads_statsmerging(tmp_path, request):
 
 
 def heads_samerging(tmp_path, request):
-    from fusion_bench_statsmerging.method.statsmerging.heads_statsmerging import HeadsSAMergingAlgorithm
+    from fusion_bench_statsmerging.method.samerging.heads_samerging import HeadsSAMergingAlgorithm
     from fusion_bench_statsmerging.modelpool.heads import PerTaskHeadsModelPool
 
     pool = PerTaskHeadsModelPool(suite_dir=str(request.getfixturevalue("cnn_suite")))

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from conftest import REPO_ROOT
 from fusion_bench.utils import instantiate
-from fusion_bench_statsmerging.method.base import PoolError
+from fusion_bench_statsmerging.utils.errors import PoolError
 from fusion_bench_statsmerging.method.seq2seq import (
     TaskData, default_verbalizer, load_tokenizer, split_module_aliases, trim_padding,
 )

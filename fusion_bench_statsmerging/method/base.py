@@ -26,23 +26,22 @@ from tqdm.auto import tqdm
 from fusion_bench import BaseAlgorithm, auto_register_config
 from fusion_bench.mixins import SimpleProfilerMixin
 
-from ..utils import artifacts
 from ..engine import distributed
 from ..engine.checkpoint import CHECKPOINT_NAME, Checkpointer, StopFlag, resolve_resume
-from ..utils.errors import PoolError, UserError
-from ..engine.inputs import (Inputs, keep_fit_data_on_device, nbytes, num_rows, on_devices, take, take_on,
-                             target_logits)
-from .hints import check_hub_files, taskpool_hint
 from ..engine.distillation import (
-    LOSSES, agreement, distillation_loss, feature_loss, get_protocol, load_labels, num_fit_samples,
-    sample_indices,
+    LOSSES, agreement, distillation_loss, feature_loss, get_protocol, load_labels, num_fit_samples, sample_indices,
 )
 from ..engine.merge import HostLayerWiseEngine, check_same_architecture, trainable_names
 from ..engine.profiling import LoopClock, StepProfiler
 from ..engine.sam import SAM, OutputPerturbation
-from ..utils.preflight import check_loaded_model, check_writable
 from ..engine.schedule import Schedule, check_schedule, resolve_schedule
 from ..engine.selection import SELECTIONS, BestState
+from ..utils import artifacts
+from ..utils.errors import PoolError, UserError
+from ..utils.inputs import Inputs, keep_fit_data_on_device, nbytes, num_rows, on_devices, take, take_on, target_logits
+from ..utils.preflight import check_loaded_model, check_writable
+from ..utils.splits import SPLITS
+from .hints import check_hub_files, taskpool_hint
 
 log = logging.getLogger(__name__)
 
@@ -236,13 +235,10 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
 
     def load_split(self, modelpool, split: str, names: List[str], purpose: str) -> Dict[str, object]:
         """Each task's dataset of ``split``, or an error naming the tasks that lack it (or are too small)."""
-        loader = {"train": modelpool.load_train_dataset, "validation": modelpool.load_val_dataset,
-                  "test": modelpool.load_test_dataset}[split]
-        available = {"train": modelpool.train_dataset_names, "validation": modelpool.val_dataset_names,
-                     "test": modelpool.test_dataset_names}[split]
+        available = SPLITS[split].names(modelpool)
         missing = [n for n in names if n not in available]
         if missing:
-            key = {"train": "train_datasets", "validation": "val_datasets", "test": "test_datasets"}[split]
+            key = SPLITS[split].config_key
             where = ""
             if hasattr(modelpool, "dataset_dir"):  # a suite on disk: name the folders it looked for
                 where = " (looked for " + ", ".join(f"'{modelpool.dataset_dir(n, split)}'" for n in missing) + ")"
@@ -252,7 +248,7 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
             )
         datasets = {}
         for name in names:
-            ds = loader(name)
+            ds = SPLITS[split].load(modelpool, name)
             if len(ds) == 0:
                 raise PoolError(f"The {split} dataset of task '{name}' is empty.")
             if len(ds) < self.batch_size:

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from ...engine import distributed
-from ...utils import artifacts
+from ...engine.checkpoint import ResumeError, fingerprint
+from ...engine.distillation import Protocol, get_protocol
 from ...engine.learner import StatsMergeLearner, relative_depth
 from ...engine.reuse import (
     LEARNER_OPTIONS, NORMALIZERS, SavedLearner, depth_mapping, learner_payload, load_learner, normalizer_for,
@@ -32,10 +33,9 @@ from ...engine.reuse import (
 from ...engine.stats import (
     FeatureNormalizer, layer_wise_statistics, num_features, task_wise_statistics, validate_features,
 )
-from ...engine.distillation import Protocol, get_protocol
-from ..base import PoolError, scoring_images
-from ...engine.checkpoint import ResumeError, fingerprint
-from ...utils.errors import UserError
+from ...utils import artifacts
+from ...utils.errors import PoolError, UserError
+from ..base import scoring_images
 
 log = logging.getLogger(__name__)
 
