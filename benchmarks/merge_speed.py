@@ -260,7 +260,7 @@ def run_ours(args, variant: str, device: torch.device, images: Tensor, labels: T
     def task_loss(t: int, embeds: Tensor) -> Tensor:
         return F.cross_entropy(heads(embeds, t).float(), labels[t])
 
-    def step():  # what CoefficientDistillation.closure_loss does, minus the data pipeline
+    def step():  # what Trainer.closure_loss (engine/trainer.py) does, minus the data pipeline
         optimizer.zero_grad(set_to_none=True)
         if per_task:
             finish = engine.set_coefficients_detached(mlp(features))

@@ -27,6 +27,7 @@ from fusion_bench_statsmerging.fixtures.heads import build_tiny_cnn_suite, build
 from fusion_bench_statsmerging.method.samerging.heads_samerging import HeadsSAMergingAlgorithm
 from fusion_bench_statsmerging.method.statsmerging.heads_statsmerging import HeadsStatsMergingAlgorithm
 from fusion_bench_statsmerging.utils.errors import PoolError
+from fusion_bench_statsmerging.engine.trainer import Trainer
 
 from conftest import REPO_ROOT, run_fusion_bench
 
@@ -147,8 +148,8 @@ def test_only_coefficients_train_and_heads_stay_frozen(tmp_path, fabric, cnn_sui
     pool = PerTaskHeadsModelPool(suite_dir=str(cnn_suite))
     algorithm = make(tmp_path, fabric, cls, max_steps=3)
     seen = {}
-    original = algorithm.make_optimizer
-    monkeypatch.setattr(algorithm, "make_optimizer", lambda params: original(seen.setdefault("p", list(params))))
+    original = Trainer.make_optimizer
+    monkeypatch.setattr(Trainer, "make_optimizer", lambda trainer, params: original(trainer, seen.setdefault("p", list(params))))
     on_disk = {t: load_file(str(cnn_suite / "experts" / t / "model.safetensors")) for t in pool.model_names}
     merged = algorithm.run(pool)
 
@@ -354,6 +355,7 @@ def test_auto_start_scores_task_arithmetic_on_unlabeled_images_only(tmp_path, fa
     assert float(best) == pytest.approx(search["chosen"]) and "validation" in search["images"]
     assert len(set(search["agreement"].values())) > 1  # the scales were really scored
     assert report["config"]["init_coefficient"] == "auto"
+    assert report["start"]["chosen"]["init_coefficient"] == search["chosen"]
     assert report["history"][0]["coefficients/mean"] == pytest.approx(search["chosen"], abs=0.02)  # started there
     learner = torch.load(tmp_path / "artifacts" / "learner.pt", weights_only=False)
     assert learner["options"]["init_coefficient"] == pytest.approx(search["chosen"])  # reuse gets a number
@@ -391,7 +393,8 @@ def test_starts_probe_each_start_unlabeled_and_go_on_as_the_winner_alone(tmp_pat
     assert [sorted(r["agreement_by_step"]) for r in probe["results"]] == [["0", "1", "2"]] * 2  # both trained
     assert probe["chosen"] == 1 and agreements[1] == max(agreements) > agreements[0]
     chosen = LOSER_FIRST["starts"][1]
-    assert (report["config"]["output"], report["config"]["init_coefficient"]) == tuple(chosen.values())
+    assert report["start"] == {"configured": {k: LOSER_FIRST[k] for k in chosen}, "chosen": chosen}
+    assert (report["config"]["output"], report["config"]["init_coefficient"]) == (LOSER_FIRST["output"], 0.0)
     assert sorted(report["selection"]["agreement_by_step"], key=int) == ["0", "1", "2", "3"]  # the full run
 
     alone = make(tmp_path / "alone", fabric, **chosen, **settings)

@@ -12,6 +12,7 @@ from fusion_bench_statsmerging.engine.learner import StatsMergeLearner
 from fusion_bench_statsmerging.method.statsmerging.coefficients import LearnerCoefficients
 from fusion_bench_statsmerging.engine.schedule import resolve_schedule, steps_per_epoch
 from fusion_bench_statsmerging.engine.selection import BestState
+from fusion_bench_statsmerging.engine.trainer import Trainer
 
 
 def test_an_epoch_is_one_pass_over_the_largest_fit_set():
@@ -129,17 +130,17 @@ def test_statsmerging_r_config_composes_and_trains_learner_and_residual(tmp_path
     algorithm = instantiate(cfg)
     algorithm.fabric = cpu_fabric
     seen = {}
-    original = algorithm.make_optimizer
-    monkeypatch.setattr(algorithm, "make_optimizer", lambda params: original(seen.setdefault("p", []).append(
-        list(params)) or seen["p"][-1]))
-    score = algorithm.selection_score
+    original = Trainer.make_optimizer
+    monkeypatch.setattr(Trainer, "make_optimizer", lambda trainer, params: original(
+        trainer, seen.setdefault("p", []).append(list(params)) or seen["p"][-1]))
+    score = Trainer.selection_score
     snapshots = []
 
-    def spy(engine, module, data):  # the main run's last three calls: at step 0, after steps 2 and 3
+    def spy(trainer, engine, module, data):  # the main run's last three calls: at step 0, after steps 2 and 3
         snapshots.append([p.detach().clone() for p in module.parameters()])
-        return score(engine, module, data)
+        return score(trainer, engine, module, data)
 
-    monkeypatch.setattr(algorithm, "selection_score", spy)
+    monkeypatch.setattr(Trainer, "selection_score", spy)
     algorithm.run(modelpool)
     assert [len(p) for p in seen["p"]] == [5] * 3  # two MLP layers (weight, bias each) + the residual
     assert len(snapshots) == 2 * 2 + 3  # two probes of one step (scored at 0 and 1), then the run

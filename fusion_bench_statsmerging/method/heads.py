@@ -179,9 +179,9 @@ class HeadsCoefficientDistillation(LightningFabricMixin, CoefficientDistillation
         return contextlib.nullcontext()
 
     def prepare_fit_data(self, datasets, experts):
-        pixels, targets, info = super().prepare_fit_data(datasets, experts)
-        self._fit_pixels = pixels  # unlabeled inputs, reused to re-estimate BatchNorm statistics
-        return pixels, targets, info
+        fit = super().prepare_fit_data(datasets, experts)
+        self._fit_pixels = fit.inputs  # unlabeled inputs, reused to re-estimate BatchNorm statistics
+        return fit
 
     def write_artifacts(self, out_dir, coefficients, param_names, names, *args, **kwargs):
         coef = coefficients if coefficients.dim() == 2 else coefficients[:, None].expand(-1, len(param_names))
