@@ -48,8 +48,9 @@ def test_only_limits_the_candidate_rows():
 
 @pytest.mark.parametrize("key", list(ablation.CANDIDATES))
 def test_every_candidate_composes_over_the_committed_configuration_to_a_schedule(key):
-    """A candidate's overrides are valid Hydra overrides of the committed configuration, each key once,
-    and what they compose to resolves to a training schedule (so a rerun runs what the tables report)."""
+    """A candidate's overrides are valid Hydra overrides of the committed configuration, each key once, of
+    keys it has, and changing it (a candidate equal to the committed configuration would compare it with
+    itself); what they compose to resolves to a training schedule (so a rerun runs what the tables report)."""
     from hydra import compose, initialize_config_dir
 
     from fusion_bench_statsmerging.engine.schedule import resolve_schedule
@@ -57,9 +58,10 @@ def test_every_candidate_composes_over_the_committed_configuration_to_a_schedule
     overrides = list(ablation.CANDIDATES[key][1])
     assert len({o.split("=", 1)[0] for o in overrides}) == len(overrides)
     with initialize_config_dir(config_dir=str(REPO_ROOT / "config"), version_base=None):
+        base = compose(overrides=["+" + ablation.BASE_CONFIG]).method
         cfg = compose(overrides=["+" + ablation.BASE_CONFIG, *overrides]).method
-    for override in overrides:
-        assert ablation.override_holds(cfg, override), override
+    assert all(o.split("=", 1)[0].split(".", 1)[1] in base for o in overrides)
+    assert any(not ablation.override_holds(base, o) for o in overrides), "the candidate is the committed configuration"
     schedule = resolve_schedule({"a": 1600, "b": 100}, cfg.batch_size, cfg.max_steps, cfg.max_epochs,
                                 cfg.lr_step_size, cfg.lr_step_epochs)
     assert schedule.max_steps == (3000 if "3k" in key or key.startswith(ablation.TWO_STARTS) else 1000)

@@ -99,3 +99,4 @@ class HostLayerWiseEngine(nn.Module):
     def merge_and_unload(self, coefficients: Tensor) -> nn.Module:
         self.set_coefficients(coefficients.detach())
         return self.wrapper.merge_and_unload()
+

@@ -50,6 +50,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -75,10 +76,18 @@ class HeadsSuiteError(SuiteError):
 
 
 # --------------------------------------------------------------------------- suite files
+# module paths that suites built before the package was laid out by concern name in suite.json / expert.json
+MOVED_MODULES = {"fusion_bench_statsmerging.backbones": "fusion_bench_statsmerging.models.backbones"}
+
+
 def _import(target: str):
     module, _, attr = target.partition(":")
     if not attr:
         module, _, attr = target.rpartition(".")
+    if module in MOVED_MODULES:
+        warnings.warn(f"'{target}' names the old module '{module}'; it is now '{MOVED_MODULES[module]}' "
+                      "(rebuild the suite or edit its suite.json to silence this).", DeprecationWarning, stacklevel=2)
+        module = MOVED_MODULES[module]
     return getattr(importlib.import_module(module), attr)
 
 

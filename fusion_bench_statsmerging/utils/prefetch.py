@@ -103,7 +103,8 @@ def _plain(node: Any) -> Any:
 
 def compose(overrides: Sequence[str]):
     """The config ``fusion_bench <overrides>`` would run (our configs included, via the search-path plugin)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     from fusion_bench.utils.hydra_utils import get_default_config_path
 
