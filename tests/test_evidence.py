@@ -94,3 +94,18 @@ def test_committed_summary_and_readme_table_are_derived_from_the_raw_runs():
     assert evidence.replace_table(readme, evidence.markdown(committed)) == readme
     for suite in ("vision", "hetero", "text"):
         assert suite in committed
+
+
+def test_readme_prose_quotes_the_summary():
+    """The figures the README's prose cites are the summary's (and the runs' wall times), not typed by hand."""
+    summary = json.loads((REPO_ROOT / "docs" / "results" / "evidence" / "summary.json").read_text())
+    readme = " ".join((REPO_ROOT / "README.md").read_text().split())
+    vision, text = summary["vision"], summary["text"]
+    assert (f"is {100 * vision['learner_contribution']['mean']:.2f} points on vision and "
+            f"{100 * text['learner_contribution']['mean']:+.2f} on text") in readme
+    assert f"data-free TSV-M ({100 * text['rows']['tsv_m']['mean']:.2f})" in readme
+    assert vision["gap"]["peer"] == "samerging" and f"on vision ({100 * vision['gap']['mean']:+.2f}," in readme
+    minutes = [row["wall_time_s"] / 60 for s in ("vision", "text") for row in
+               [r for b in evidence.load_builds(REPO_ROOT / "docs" / "results" / "evidence", s)
+                for r in b[1]["rows"] if r["key"] == "statsmerging_residual"]]
+    assert f"rows took {min(minutes):.0f}-{max(minutes):.0f} minutes" in readme
