@@ -109,3 +109,9 @@ def test_readme_prose_quotes_the_summary():
                [r for b in evidence.load_builds(REPO_ROOT / "docs" / "results" / "evidence", s)
                 for r in b[1]["rows"] if r["key"] == "statsmerging_residual"]]
     assert f"rows took {min(minutes):.0f}-{max(minutes):.0f} minutes" in readme
+
+
+def test_benchmarks_page_table_is_the_summarys():
+    text = (REPO_ROOT / "docs" / "benchmarks.md").read_text()
+    summary = json.loads((REPO_ROOT / "docs" / "results" / "evidence" / "summary.json").read_text())
+    assert evidence.replace_table(text, evidence.markdown(summary)) == text

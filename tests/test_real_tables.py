@@ -11,6 +11,11 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks" / "real_suites"))
 import tables  # noqa: E402
 
 
+def docs_text() -> str:
+    """The current benchmarks page and the history (where superseded runs' tables live) together."""
+    return "".join((REPO_ROOT / "docs" / name).read_text() for name in ("benchmarks.md", "history.md"))
+
+
 def _row(key, label, accuracies=None, status="ok", error=None):
     average = sum(accuracies.values()) / len(accuracies) if accuracies else None
     return dict(key=key, label=label, protocol="p", accuracies=accuracies, average=average, status=status,
@@ -36,7 +41,7 @@ def test_rows_in_reading_order_with_failures_and_references():
 def test_docs_tables_are_the_committed_results():
     """Each GPU table in docs/benchmarks.md is tables.py's output on the raw results committed beside it,
     so no figure there is typed by hand."""
-    docs = (REPO_ROOT / "docs" / "benchmarks.md").read_text()
+    docs = docs_text()
     for name in ("real_vision_gpu", "real_hetero_gpu", "real_text_gpu",
                  "real_vision_gpu_issue19", "real_hetero_gpu_issue19", "real_text_gpu_issue19",
                  "real_vision_gpu_issue19b", "real_hetero_gpu_issue19b", "real_text_gpu_issue19b",
@@ -73,7 +78,7 @@ def test_docs_ablation_table_is_the_committed_runs(campaign):
     import ablation
     scores = ablation.collect(_folders(campaign))
     rendered = ablation.markdown(scores, ablation.choose(scores))
-    assert rendered in (REPO_ROOT / "docs" / "benchmarks.md").read_text()
+    assert rendered in docs_text()
 
 
 def test_latest_campaign_chose_the_committed_configuration():
@@ -123,7 +128,7 @@ def test_gap_is_the_best_statsmerging_row_against_the_best_other_merge():
 
 def test_docs_exported_pool_tables_are_the_committed_results():
     """The OpenCLIP / LoRA tables in docs/benchmarks.md are the rows statsmerging-compare wrote (results.md)."""
-    docs = (REPO_ROOT / "docs" / "benchmarks.md").read_text()
+    docs = docs_text()
     for pool in ("dense", "openclip", "lora"):
         written = (REPO_ROOT / "docs" / "results" / "exported_pools_tiny_cpu" / pool / "results.md").read_text()
         rows = [line for line in written.splitlines() if line.startswith("|")]
@@ -139,7 +144,7 @@ def test_tables_names_a_missing_results_file(tmp_path, capsys):
 def test_docs_loop_step_figures_are_the_committed_engine_results():
     """The 1.3x check in docs/benchmarks.md (loop step vs merge_speed.py) quotes the raw JSON beside it."""
     raw = REPO_ROOT / "docs" / "results" / "engine_gpu_issue19d"
-    docs = (REPO_ROOT / "docs" / "benchmarks.md").read_text()
+    docs = docs_text()
     section = docs[docs.index("### The training loop's step against"):docs.index("### Scaling with the number")]
     for name, tag in (("e2e_b32_issue19d.json", "| `--profile 20` |"), ("e2e_b32_issue19d_noprofile.json", "| no profile |")):
         run = json.loads((raw / name).read_text())["results"][0]
@@ -164,7 +169,7 @@ def test_docs_auto_start_check_is_the_committed_runs():
     """The CPU check of init_coefficient: auto quotes ablation.py's rows and the search's scores of the raw runs."""
     import ablation
     raw = REPO_ROOT / "docs" / "results" / "ablation_initauto_tiny_cpu"
-    docs = (REPO_ROOT / "docs" / "benchmarks.md").read_text()
+    docs = docs_text()
     scores = ablation.collect([raw])
     rendered = ablation.markdown(scores, ablation.choose(scores)).splitlines()
     for key in ("**statsmerging_residual**", "ablation_r_initauto_long3k |"):
@@ -204,4 +209,4 @@ def test_docs_two_starts_replay_is_the_committed_runs():
     import ablation
     folders = [REPO_ROOT / "docs" / "results" / name for name in (
         "real_vision_gpu_issue19c", "real_text_gpu_issue19b", "real_hetero_gpu_issue19c", "real_vision_gpu_issue19b")]
-    assert ablation.replay_markdown(folders) in (REPO_ROOT / "docs" / "benchmarks.md").read_text()
+    assert ablation.replay_markdown(folders) in docs_text()
