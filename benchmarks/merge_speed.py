@@ -193,7 +193,9 @@ def entropy_loss(logits: Tensor, eps: float = 1e-8) -> Tensor:
 def run_ours(args, variant: str, device: torch.device, images: Tensor, labels: Tensor,
              heads: TaskHeads) -> dict:
     from fusion_bench_statsmerging.engine.fused import FusedLayerWiseEngine, enable_activation_checkpointing
-    from fusion_bench_statsmerging.engine.stats import FEATURES, FeatureNormalizer, layer_wise_statistics
+    from fusion_bench_statsmerging.engine.stats import (
+        DEFAULT_FEATURES as FEATURES, FeatureNormalizer, layer_wise_statistics,
+    )
 
     match = VARIANT.match(variant)
     tv_dtype = torch.bfloat16 if match.group(1) == "bf16" else None

@@ -14,7 +14,7 @@ from fusion_bench_statsmerging.engine.fused import FusedLayerWiseEngine, enable_
 from fusion_bench_statsmerging.engine.spectra import krylov_top_eigenvalues, top_gram_eigenvalues
 from fusion_bench_statsmerging.engine.merge import ArchitectureMismatchError, HostLayerWiseEngine
 from fusion_bench_statsmerging.engine.stats import (
-    FEATURES, as_matrix, layer_wise_statistics, top_singular_values,
+    DEFAULT_FEATURES as FEATURES, as_matrix, layer_wise_statistics, top_singular_values,
 )
 
 # bf16 task vectors: the merged weights' task-vector part is within this fraction of its fp32

@@ -15,11 +15,12 @@ import torch
 from torch import Tensor
 
 from .spectra import GRAM_BATCH_BYTES, top_gram_eigenvalues
-from .stats import num_features, validate_features
+from .interference import INTERFERENCE_FEATURES, group_interference
+from .stats import SCALAR_FEATURES, num_features, validate_features
 
-# one group of same-sized tensors: each member's shape, its column in the (K, L) statistics, and the task
-# vectors (n, K, numel) of the n members
-GroupBuffer = Tuple[Sequence[torch.Size], Sequence[int], Tensor]
+# one group of same-sized tensors: each member's shape, its column in the (K, L) statistics, the task
+# vectors (n, K, numel) of the n members and their pretrained weights (n, numel)
+GroupBuffer = Tuple[Sequence[torch.Size], Sequence[int], Tensor, Tensor]
 
 
 def _matrix_dims(shape: torch.Size) -> Tuple[int, int]:
@@ -38,7 +39,7 @@ def _gram(tv_rows: Tensor, dims: Tuple[int, int]) -> Tensor:
 
 def _scalar_features(tv: Tensor, features: Sequence[str], chunk: int) -> Dict[str, Tensor]:
     """mean / variance / norm of each (tensor, expert) row in float32: (n, K) each."""
-    out: Dict[str, List[Tensor]] = {f: [] for f in features if f != "singular_values"}
+    out: Dict[str, List[Tensor]] = {f: [] for f in features if f in SCALAR_FEATURES}
     for start in range(0, tv.shape[0], chunk):
         x = tv[start:start + chunk].to(torch.float32)
         for f in out:
@@ -57,7 +58,8 @@ def grouped_task_vector_stats(groups: Iterable[GroupBuffer], num_layers: int, fe
     """The (K, L, F) tensor of :func:`~.stats.layer_wise_statistics` of the ``num_layers`` tensors in
     ``groups``, batched per group on the buffers' device.
 
-    Scalar features are row reductions of each group buffer. Singular values come from Gram
+    Scalar features are row reductions of each group buffer; the interference features come from
+    :func:`~.interference.group_interference` (the per-tensor path's code). Singular values come from Gram
     matrices batched by size across groups (fc1 (3072, 768) and fc2 (768, 3072) share the
     768 x 768 Gram), solved by :func:`top_gram_eigenvalues` (``info`` receives its counts).
     """
@@ -72,13 +74,17 @@ def grouped_task_vector_stats(groups: Iterable[GroupBuffer], num_layers: int, fe
         columns[f] = col
         col += rank if f == "singular_values" else 1
 
+    interference = [columns[f] for f in features if f in INTERFERENCE_FEATURES]
     # (gram size) -> list of (coefficient column, task-vector rows (K, s), matrix dims)
     spectra: Dict[int, List[Tuple[int, Tensor, Tuple[int, int]]]] = {}
-    for shapes, positions, tv in groups:
+    for shapes, positions, tv, base in groups:
         chunk = max(1, (256 << 20) // max(1, tv.shape[-1] * k_models * 4))
         pos = torch.as_tensor(list(positions), dtype=torch.long, device=device)
         for f, values in _scalar_features(tv, features, chunk).items():
             out[:, pos, columns[f]] = values.t()
+        if interference:  # (n, K, F') -> (K, n, F') at the group's columns
+            out[:, pos[:, None], torch.tensor(interference, device=device)] = \
+                group_interference(tv, base, shapes, features, rank).transpose(0, 1)
         if "singular_values" in features:
             for j, (shape, p) in enumerate(zip(shapes, positions)):
                 dims = _matrix_dims(shape)

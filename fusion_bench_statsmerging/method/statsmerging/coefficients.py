@@ -30,8 +30,9 @@ from ...engine.reuse import (
     LEARNER_OPTIONS, NORMALIZERS, SavedLearner, depth_mapping, learner_payload, load_learner, normalizer_for,
     resolve_options,
 )
+from ...engine.interference import NEEDS_PRETRAINED
 from ...engine.stats import (
-    FeatureNormalizer, layer_wise_statistics, num_features, task_wise_statistics, validate_features,
+    DEFAULT_FEATURES, FeatureNormalizer, layer_wise_statistics, num_features, task_wise_statistics, validate_features,
 )
 from ...utils import artifacts
 from ...utils.errors import PoolError, UserError
@@ -76,15 +77,29 @@ class LearnerCoefficients(nn.Module):
         return coef
 
 
+def engine_pretrained(engine: nn.Module, features: Sequence[str]) -> Optional[Dict[str, Tensor]]:
+    """The engine's pretrained tensors when a feature needs them (``relative_norm``), else None.
+    An engine that does not keep them cannot compute such a feature: refused with what to change."""
+    if not any(f in NEEDS_PRETRAINED for f in features):
+        return None
+    pretrained = getattr(engine, "pretrained_tensors", None)
+    if pretrained is None:
+        raise UserError(f"The features {[f for f in features if f in NEEDS_PRETRAINED]} need the pretrained "
+                        f"weights, and the merging engine {type(engine).__name__} does not keep them "
+                        "(no pretrained_tensors()); use merge_engine fused or host, or leave these features out.")
+    return pretrained()
+
+
 def pool_statistics(engine: nn.Module, mode: str, features: Sequence[str], rank: int) -> Tensor:
     """Raw statistics of the engine's task vectors: (K, L, F) layer-wise or (K, F) task-wise."""
+    pretrained = engine_pretrained(engine, features)
     task_vectors = [engine.task_vector(k) for k in range(engine.num_models)]
     if mode == "task_wise":
-        return task_wise_statistics(task_vectors, features, rank)
+        return task_wise_statistics(task_vectors, features, rank, pretrained)
     batched = getattr(engine, "layer_wise_statistics", None)
     if batched is not None:
         return batched(features, rank)
-    return layer_wise_statistics(task_vectors, features, rank)
+    return layer_wise_statistics(task_vectors, features, rank, pretrained)
 
 
 @contextlib.contextmanager
@@ -259,7 +274,7 @@ class StatsMergingCoefficients:
     def __init__(
         self,
         mode: Optional[str] = "layer_wise",
-        features: Optional[Sequence[str]] = ("mean", "variance", "norm", "singular_values"),
+        features: Optional[Sequence[str]] = DEFAULT_FEATURES,
         rank: Optional[int] = 3,
         hidden_dim: Optional[int] = 128,
         learner_layers: Optional[int] = 2,
