@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from fusion_bench_statsmerging import compare
+from fusion_bench_statsmerging.compare.runner import _hydra_value
 from fusion_bench_statsmerging.modelpool.clip_suite import read_suite_tasks
 
 SEEN_EXPERTS = "seen experts"
@@ -211,7 +212,7 @@ def build_rows(seen: List[str], unseen: List[str], learner: Optional[Path], ctx:
         return dataclasses.replace(base, key=key, label=label, overrides=base.overrides + pool + extra)
 
     learner = learner or (ctx.run_dir("statsmerging") / "artifacts" / "learner.pt").resolve()
-    reuse_overrides = ("method=statsmerging_reuse", f"method.learner_path={compare._hydra_value(learner)}")
+    reuse_overrides = ("method=statsmerging_reuse", f"method.learner_path={_hydra_value(learner)}")
     reuse = compare.MethodSpec("statsmerging_reuse", "StatsMerging, reused learner (all experts)",
                                reuse_overrides + all_pool, "no data (saved learner)")
     return {

@@ -193,8 +193,9 @@ def entropy_loss(logits: Tensor, eps: float = 1e-8) -> Tensor:
 def run_ours(args, variant: str, device: torch.device, images: Tensor, labels: Tensor,
              heads: TaskHeads) -> dict:
     from fusion_bench_statsmerging.engine.fused import FusedLayerWiseEngine, enable_activation_checkpointing
-    from fusion_bench_statsmerging.engine.fused_stats import grouped_task_vector_stats
-    from fusion_bench_statsmerging.engine.stats import FEATURES, FeatureNormalizer, layer_wise_statistics
+    from fusion_bench_statsmerging.engine.stats import (
+        DEFAULT_FEATURES as FEATURES, FeatureNormalizer, layer_wise_statistics,
+    )
 
     match = VARIANT.match(variant)
     tv_dtype = torch.bfloat16 if match.group(1) == "bf16" else None
@@ -221,7 +222,7 @@ def run_ours(args, variant: str, device: torch.device, images: Tensor, labels: T
     info: Dict[str, int] = {}
     sync(device)
     start = time.perf_counter()
-    raw = grouped_task_vector_stats(engine, list(FEATURES), args.rank, info)
+    raw = engine.layer_wise_statistics(list(FEATURES), args.rank, info)
     sync(device)
     result["stats_s"] = time.perf_counter() - start
     result["stats_solver"] = info
@@ -261,7 +262,7 @@ def run_ours(args, variant: str, device: torch.device, images: Tensor, labels: T
     def task_loss(t: int, embeds: Tensor) -> Tensor:
         return F.cross_entropy(heads(embeds, t).float(), labels[t])
 
-    def step():  # what CoefficientDistillation.closure_loss does, minus the data pipeline
+    def step():  # what Trainer.closure_loss (engine/trainer.py) does, minus the data pipeline
         optimizer.zero_grad(set_to_none=True)
         if per_task:
             finish = engine.set_coefficients_detached(mlp(features))

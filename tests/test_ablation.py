@@ -1,4 +1,4 @@
-"""StatsMerging-R's ablation: the choice reads validation scores only, and promotion renames rows."""
+"""StatsMerging-R's ablation: the choice reads validation scores only and writes into no comparison folder."""
 
 import json
 import sys
@@ -36,16 +36,6 @@ def test_the_choice_follows_validation_not_test(tmp_path):
     assert f"**{a}** (chosen)" in ablation.markdown(collected, a)
 
 
-def test_promotion_swaps_the_main_row_with_the_chosen_candidate(tmp_path):
-    chosen = next(iter(ablation.CANDIDATES))
-    root = _suite(tmp_path, "vision", {ablation.MAIN_KEY: (0.5, 0.5), chosen: (0.6, 0.4)})
-    ablation.promote(chosen, [root])
-    rows = {r["label"].split(" (")[0]: r["key"] for r in json.loads((root / "results.json").read_text())["rows"]}
-    keys = sorted(rows.values())
-    assert keys == sorted(["ablation_r_base", ablation.MAIN_KEY])
-    assert (root / "results.before_promote.json").is_file()
-
-
 def test_only_limits_the_candidate_rows():
     keys = list(ablation.CANDIDATES)[:2]
     args = ablation.add_args(keys)
@@ -56,45 +46,11 @@ def test_only_limits_the_candidate_rows():
         ablation.add_args(["no_such_candidate"])
 
 
-def test_a_later_promotion_restores_the_earlier_choice_and_keeps_the_first_backup(tmp_path):
-    first, second = list(ablation.CANDIDATES)[:2]
-    root = _suite(tmp_path, "text", {ablation.MAIN_KEY: (0.5, 0.5), first: (0.6, 0.4), second: (0.7, 0.3)})
-    original = (root / "results.json").read_text()
-    ablation.promote(first, [root])
-    ablation.promote(second, [root])
-    rows = {r["key"]: r for r in json.loads((root / "results.json").read_text())["rows"]}
-    assert sorted(rows) == sorted(["ablation_r_base", first, ablation.MAIN_KEY])
-    assert rows[ablation.MAIN_KEY]["label"] == ablation.CHOSEN_LABEL.format(second)
-    assert rows[ablation.MAIN_KEY]["protocol"] == ablation.MAIN_PROTOCOL
-    assert rows[first]["label"] == first
-    assert json.loads((root / "results.before_promote.json").read_text()) == json.loads(original)
-
-
-def test_promotion_without_a_main_row_names_the_chosen_candidate_the_main_row(tmp_path):
-    keys = list(ablation.CANDIDATES)[:2]
-    root = _suite(tmp_path, "hetero", {keys[0]: (0.5, 0.5), keys[1]: (0.6, 0.4)})
-    ablation.promote(keys[1], [root])
-    assert [r["key"] for r in json.loads((root / "results.json").read_text())["rows"]] == [keys[0], ablation.MAIN_KEY]
-    with pytest.raises(ValueError, match="no row"):
-        ablation.promote_rows([{"key": keys[0], "label": keys[0]}], keys[1])
-
-
-def test_a_promotion_a_folder_cannot_take_writes_no_folder(tmp_path):
-    """The chosen candidate missing from one folder: the error names it and no folder is changed."""
-    keys = list(ablation.CANDIDATES)[:2]
-    good = _suite(tmp_path, "vision", {ablation.MAIN_KEY: (0.5, 0.5), keys[0]: (0.6, 0.4)})
-    bad = _suite(tmp_path, "text", {ablation.MAIN_KEY: (0.5, 0.5), keys[1]: (0.6, 0.4)})
-    before = (good / "results.json").read_text()
-    with pytest.raises(SystemExit, match=f"{bad}: no row '{keys[0]}' to promote; nothing was promoted"):
-        ablation.promote(keys[0], [good, bad])
-    assert (good / "results.json").read_text() == before
-    assert not (good / "results.before_promote.json").exists() and not (bad / "results.before_promote.json").exists()
-
-
 @pytest.mark.parametrize("key", list(ablation.CANDIDATES))
 def test_every_candidate_composes_over_the_committed_configuration_to_a_schedule(key):
-    """A candidate's overrides are valid Hydra overrides of the committed configuration, each key once,
-    and what they compose to resolves to a training schedule (so a rerun runs what the tables report)."""
+    """A candidate's overrides are valid Hydra overrides of the committed configuration, each key once, of
+    keys it has, and changing it (a candidate equal to the committed configuration would compare it with
+    itself); what they compose to resolves to a training schedule (so a rerun runs what the tables report)."""
     from hydra import compose, initialize_config_dir
 
     from fusion_bench_statsmerging.engine.schedule import resolve_schedule
@@ -102,9 +58,10 @@ def test_every_candidate_composes_over_the_committed_configuration_to_a_schedule
     overrides = list(ablation.CANDIDATES[key][1])
     assert len({o.split("=", 1)[0] for o in overrides}) == len(overrides)
     with initialize_config_dir(config_dir=str(REPO_ROOT / "config"), version_base=None):
+        base = compose(overrides=["+" + ablation.BASE_CONFIG]).method
         cfg = compose(overrides=["+" + ablation.BASE_CONFIG, *overrides]).method
-    for override in overrides:
-        assert ablation.override_holds(cfg, override), override
+    assert all(o.split("=", 1)[0].split(".", 1)[1] in base for o in overrides)
+    assert any(not ablation.override_holds(base, o) for o in overrides), "the candidate is the committed configuration"
     schedule = resolve_schedule({"a": 1600, "b": 100}, cfg.batch_size, cfg.max_steps, cfg.max_epochs,
                                 cfg.lr_step_size, cfg.lr_step_epochs)
     assert schedule.max_steps == (3000 if "3k" in key or key.startswith(ablation.TWO_STARTS) else 1000)
@@ -117,3 +74,15 @@ def test_override_holds_reads_null_numbers_strings_and_booleans():
                ("method.a=null", "method.b=3000", "method.c=sigmoid", "method.d=false", "method.e=0.3"))
     assert not any(ablation.override_holds(config, o) for o in
                    ("method.a=1", "method.b=null", "method.b=2000", "method.c=unbounded", "method.d=true", "method.e=0"))
+
+
+def test_ablation_writes_into_no_comparison_folder(tmp_path, capsys):
+    """Results are records: choosing reads the folders and changes no file in them."""
+    keys = [ablation.MAIN_KEY, *ablation.CANDIDATES][:2]
+    root = _suite(tmp_path, "vision", {keys[0]: (0.5, 0.5), keys[1]: (0.6, 0.4)})
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    ablation.main(["--choose", str(root)])
+    assert f"chosen on validation: {keys[1]}" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+    with pytest.raises(SystemExit):
+        ablation.main(["--promote", keys[1], str(root)])

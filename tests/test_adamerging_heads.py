@@ -18,7 +18,7 @@ from fusion_bench_statsmerging.fixtures.heads import build_tiny_cnn_suite, build
 from fusion_bench_statsmerging.method.adamerging_heads import (
     HeadsTaskWiseAdaMerging, heads_adamerging,
 )
-from fusion_bench_statsmerging.method.base import PoolError
+from fusion_bench_statsmerging.utils.errors import PoolError
 
 from conftest import run_fusion_bench
 from test_heads import LabelTrap

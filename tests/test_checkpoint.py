@@ -12,6 +12,7 @@ import torch
 
 from conftest import REPO_ROOT, make_algorithm
 from fusion_bench_statsmerging.engine.checkpoint import ResumeError
+from fusion_bench_statsmerging.engine.trainer import Trainer
 from fusion_bench_statsmerging.modelpool.clip_suite import CLIPSuiteModelPool
 
 SETTINGS = dict(max_steps=8, lr_step_size=3, lr_gamma=0.5, lr=5e-2, checkpoint_every=2)
@@ -28,13 +29,14 @@ INTERRUPTED = textwrap.dedent("""
     from fusion_bench_statsmerging.modelpool.clip_suite import CLIPSuiteModelPool
     algorithm = make_algorithm(__import__("pathlib").Path({tmp!r}), L.Fabric(accelerator="cpu", devices=1),
                                **json.loads({settings!r}))
-    step, real = [0], algorithm._step
+    from fusion_bench_statsmerging.engine.trainer import Trainer
+    step, real = [0], Trainer.step
     def step_and_signal(*args):
         if step[0] == {signal_at}:
             os.kill(os.getpid(), signal.SIGTERM)
         step[0] += 1
         return real(*args)
-    algorithm._step = step_and_signal
+    Trainer.step = step_and_signal
     algorithm.run(CLIPSuiteModelPool(suite_dir={suite!r}))
 """)
 
@@ -96,7 +98,8 @@ def test_resume_with_starts_reuses_the_probes_and_equals_the_uninterrupted_run(t
     report = json.loads((parts / "artifacts" / "statsmerging_report.json").read_text())
     assert probed["chosen"] == report["start_probe"]["chosen"] == 1 and "reused_from" in report["start_probe"]
     assert report["start_probe"]["results"] == probed["results"]  # the probes' own scores, from their file
-    assert (report["config"]["output"], report["config"]["init_coefficient"]) == ("sigmoid", 0.3)
+    assert report["start"]["chosen"] == {"output": "sigmoid", "init_coefficient": 0.3}
+    assert report["start"]["configured"] == {"output": "unbounded", "init_coefficient": 0.0}
 
 
 def _umask() -> int:
@@ -112,9 +115,9 @@ def test_resume_refuses_a_missing_checkpoint_before_any_model_loads(tmp_path, su
         make_algorithm(tmp_path, cpu_fabric, resume=True).run(pool)
 
 
-def test_resume_refuses_other_settings(tmp_path, suite_dir, cpu_fabric, single_thread):
+def test_resume_refuses_other_settings(tmp_path, suite_dir, cpu_fabric, single_thread, monkeypatch):
     algorithm = make_algorithm(tmp_path, cpu_fabric, **SETTINGS)
-    real = algorithm._step
+    real = Trainer.step
     calls = []
 
     def fail_at_step_three(*args):
@@ -123,7 +126,7 @@ def test_resume_refuses_other_settings(tmp_path, suite_dir, cpu_fabric, single_t
             raise RuntimeError("simulated crash")
         return real(*args)
 
-    algorithm._step = fail_at_step_three
+    monkeypatch.setattr(Trainer, "step", fail_at_step_three)
     with pytest.raises(RuntimeError, match="simulated crash"):
         algorithm.run(CLIPSuiteModelPool(suite_dir=str(suite_dir)))
     checkpoint = tmp_path / "artifacts" / "checkpoint.pt"
@@ -133,13 +136,16 @@ def test_resume_refuses_other_settings(tmp_path, suite_dir, cpu_fabric, single_t
             CLIPSuiteModelPool(suite_dir=str(suite_dir)))
 
 
-def test_sigint_waits_for_the_step_then_stops_as_keyboard_interrupt():
-    from fusion_bench_statsmerging.engine.checkpoint import StopFlag
+def test_sigint_waits_for_the_step_then_stops_with_its_exit_status_and_the_resume_override(tmp_path):
+    from fusion_bench_statsmerging.engine.checkpoint import Interrupted, StopFlag
 
     before = signal.getsignal(signal.SIGINT)
     with StopFlag() as stop:
         os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt here: the step may finish
         assert stop.signum == signal.SIGINT
-        with pytest.raises(KeyboardInterrupt):
-            stop.stop()
+        with pytest.raises(Interrupted) as stopped:
+            stop.stop(tmp_path / "checkpoint.pt")
     assert signal.getsignal(signal.SIGINT) is before
+    assert stopped.value.code == 130
+    assert stopped.value.message.startswith("SIGINT: the checkpoint is")
+    assert stopped.value.message.endswith(f"method.resume={tmp_path / 'checkpoint.pt'}")

@@ -2,7 +2,7 @@
 
 The end-to-end test brings its own pool configs (a temp dir on ``hydra.searchpath``) so it
 does not depend on the package's ``clip_suite`` configs; the StatsMerging test uses the
-package's configs and is skipped while they are absent.
+package's configs, which ship with it: a missing one is a failure.
 """
 
 import csv
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from fusion_bench_statsmerging import compare
+from fusion_bench_statsmerging.compare.runner import _config_dirs
 
 POOL = "cmp_tiny"
 FAILING = {"missing": "method=no_such_method",
@@ -115,10 +116,9 @@ def test_compare_runs_host_methods_and_lists_failures(tmp_path, suite_dir):
 
 
 def test_compare_runs_statsmerging_with_package_configs(tmp_path, suite_dir):
-    dirs = compare._config_dirs([])
+    dirs = _config_dirs([])
     for group, name in [("method", "statsmerging"), ("modelpool", "clip_suite"), ("taskpool", "clip_suite")]:
-        if not any((d / group / f"{name}.yaml").is_file() for d in dirs):
-            pytest.skip(f"package config {group}/{name} not present yet")
+        assert any((d / group / f"{name}.yaml").is_file() for d in dirs), f"package config {group}/{name} missing"
     out = tmp_path / "out"
     _run_compare(["--suite", str(suite_dir), "--out", str(out), "--fast", "--fast-steps", "3",
                   "--methods", "statsmerging_layer",
@@ -174,7 +174,7 @@ def test_heads_family_rows_and_detection(tmp_path):
         assert compare.row_protocol(reg[key], reg[key].overrides) == compare.TEST_TIME
     for key in ("adamerging_layer_train", "statsmerging_layer", "samerging"):
         assert compare.row_protocol(reg[key], reg[key].overrides) == compare.TRAIN_UNLABELED
-    dirs = compare._config_dirs([])
+    dirs = _config_dirs([])
     assert all(compare.config_file(reg[k], dirs) is not None for k in default if k not in ("individual",))
 
 
@@ -222,7 +222,7 @@ def test_data_driven_methods_run_under_both_protocols():
     # the train-split AdaMerging follows an explicit protocol override like ours do
     assert compare.row_protocol(reg["adamerging_task_train"], ["method.protocol=validation_unlabeled"]) \
         == compare.VALIDATION_UNLABELED
-    assert compare.config_file(reg["adamerging_layer_train"], compare._config_dirs([])) is not None
+    assert compare.config_file(reg["adamerging_layer_train"], _config_dirs([])) is not None
 
 
 def test_jobs_must_be_positive():

@@ -7,7 +7,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from conftest import make_algorithm
 from fusion_bench_statsmerging.engine.merge import ArchitectureMismatchError, HostLayerWiseEngine
-from fusion_bench_statsmerging.method.base import PoolError
+from fusion_bench_statsmerging.utils.errors import PoolError
 from fusion_bench_statsmerging.modelpool.clip_suite import CLIPSuiteModelPool, SuiteError
 
 

@@ -11,11 +11,10 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from fusion_bench_statsmerging.fixtures.clip import build_tiny_clip_suite
 from fusion_bench_statsmerging.engine.fused import FusedLayerWiseEngine, enable_activation_checkpointing
-from fusion_bench_statsmerging.engine.fused_stats import grouped_task_vector_stats
 from fusion_bench_statsmerging.engine.spectra import krylov_top_eigenvalues, top_gram_eigenvalues
 from fusion_bench_statsmerging.engine.merge import ArchitectureMismatchError, HostLayerWiseEngine
 from fusion_bench_statsmerging.engine.stats import (
-    FEATURES, as_matrix, layer_wise_statistics, top_singular_values,
+    DEFAULT_FEATURES as FEATURES, as_matrix, layer_wise_statistics, top_singular_values,
 )
 
 # bf16 task vectors: the merged weights' task-vector part is within this fraction of its fp32
@@ -232,7 +231,7 @@ def test_grouped_statistics_match_reference(engines):
     task_vectors = [host.task_vector(k) for k in range(3)]
     for features, rank in ((list(FEATURES), 3), (["singular_values", "mean"], 5)):
         reference = layer_wise_statistics(task_vectors, features, rank)
-        torch.testing.assert_close(grouped_task_vector_stats(fused, features, rank), reference, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(fused.layer_wise_statistics(features, rank), reference, rtol=1e-4, atol=1e-7)
     # the method the algorithms look up (pool_statistics) is the same computation
     torch.testing.assert_close(fused.layer_wise_statistics(["singular_values", "mean"], 5), reference,
                                rtol=1e-4, atol=1e-7)
@@ -278,7 +277,7 @@ def test_grouped_statistics_match_on_the_krylov_path(low_rank):
         [{n: p.detach() - pre.get_parameter(n).detach() for n, p in e.named_parameters()} for e in experts],
         list(FEATURES), 3)
     fused = FusedLayerWiseEngine(pre, experts)
-    torch.testing.assert_close(grouped_task_vector_stats(fused, list(FEATURES), 3), reference, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(fused.layer_wise_statistics(list(FEATURES), 3), reference, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("shape", [(50,), (64, 64), (300, 20), (20, 300), (1, 77), (8, 3, 4, 4), (200, 600)])

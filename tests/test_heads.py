@@ -24,10 +24,10 @@ from fusion_bench_statsmerging.models.heads import HeadsBackbone, PerTaskHeadsMo
 from fusion_bench_statsmerging.modelpool.heads import HeadsSuiteError, PerTaskHeadsModelPool, load_head
 from fusion_bench_statsmerging.taskpool.heads import PerTaskHeadsTaskPool
 from fusion_bench_statsmerging.fixtures.heads import build_tiny_cnn_suite, build_tiny_text_suite
-from fusion_bench_statsmerging.method.base import PoolError
-from fusion_bench_statsmerging.method.statsmerging.heads_statsmerging import (
-    HeadsSAMergingAlgorithm, HeadsStatsMergingAlgorithm,
-)
+from fusion_bench_statsmerging.method.samerging.heads_samerging import HeadsSAMergingAlgorithm
+from fusion_bench_statsmerging.method.statsmerging.heads_statsmerging import HeadsStatsMergingAlgorithm
+from fusion_bench_statsmerging.utils.errors import PoolError
+from fusion_bench_statsmerging.engine.trainer import Trainer
 
 from conftest import REPO_ROOT, run_fusion_bench
 
@@ -148,8 +148,8 @@ def test_only_coefficients_train_and_heads_stay_frozen(tmp_path, fabric, cnn_sui
     pool = PerTaskHeadsModelPool(suite_dir=str(cnn_suite))
     algorithm = make(tmp_path, fabric, cls, max_steps=3)
     seen = {}
-    original = algorithm.make_optimizer
-    monkeypatch.setattr(algorithm, "make_optimizer", lambda params: original(seen.setdefault("p", list(params))))
+    original = Trainer.make_optimizer
+    monkeypatch.setattr(Trainer, "make_optimizer", lambda trainer, params: original(trainer, seen.setdefault("p", list(params))))
     on_disk = {t: load_file(str(cnn_suite / "experts" / t / "model.safetensors")) for t in pool.model_names}
     merged = algorithm.run(pool)
 
@@ -355,6 +355,7 @@ def test_auto_start_scores_task_arithmetic_on_unlabeled_images_only(tmp_path, fa
     assert float(best) == pytest.approx(search["chosen"]) and "validation" in search["images"]
     assert len(set(search["agreement"].values())) > 1  # the scales were really scored
     assert report["config"]["init_coefficient"] == "auto"
+    assert report["start"]["chosen"]["init_coefficient"] == search["chosen"]
     assert report["history"][0]["coefficients/mean"] == pytest.approx(search["chosen"], abs=0.02)  # started there
     learner = torch.load(tmp_path / "artifacts" / "learner.pt", weights_only=False)
     assert learner["options"]["init_coefficient"] == pytest.approx(search["chosen"])  # reuse gets a number
@@ -366,16 +367,22 @@ TWO_STARTS = [{"output": "sigmoid", "init_coefficient": 0.3}, {"output": "unboun
 LOSER_FIRST = dict(output="unbounded", init_coefficient=0.0, starts=TWO_STARTS[::-1])
 
 
-def test_starts_probe_each_start_unlabeled_and_go_on_as_the_winner_alone(tmp_path, fabric, cnn_suite, monkeypatch):
+# the committed StatsMerging-R recipe (config/method/statsmerging_residual.yaml) on the tiny suite's scale
+RECIPE = dict(residual=True, loss="soft", temperature=2.0, optimizer="sam", sam_rho=0.07, weight_decay=5e-4)
+
+
+@pytest.mark.parametrize("recipe", [dict(residual=True), RECIPE], ids=["adam_hard_residual", "committed_recipe"])
+def test_starts_probe_each_start_unlabeled_and_go_on_as_the_winner_alone(tmp_path, fabric, cnn_suite, monkeypatch,
+                                                                          recipe):
     """``starts``: each start trains for start_probe_steps on unlabeled images (no label, no test split),
     the one the experts agree with most on unlabeled validation images wins, and the run then ends with
-    exactly the coefficients of a run configured with that start alone."""
+    exactly the coefficients of a run configured with that start alone, whose first steps are the probe's."""
     pool = PerTaskHeadsModelPool(suite_dir=str(cnn_suite))
     train, val = pool.load_train_dataset, pool.load_val_dataset
     monkeypatch.setattr(pool, "load_train_dataset", lambda name: LabelTrap(train(name), pool.input_column))
     monkeypatch.setattr(pool, "load_val_dataset", lambda name: LabelTrap(val(name), pool.input_column))
     monkeypatch.setattr(pool, "load_test_dataset", lambda name: pytest.fail("test split was read"))
-    settings = dict(max_steps=3, select_by="validation_agreement", select_every=1, residual=True, lr=5e-2)
+    settings = dict(max_steps=3, select_by="validation_agreement", select_every=1, lr=5e-2, **recipe)
     algorithm = make(tmp_path / "probed", fabric, start_probe_steps=2, **LOSER_FIRST, **settings)
     algorithm.run(pool)
     out = tmp_path / "probed" / "artifacts"
@@ -386,13 +393,18 @@ def test_starts_probe_each_start_unlabeled_and_go_on_as_the_winner_alone(tmp_pat
     assert [sorted(r["agreement_by_step"]) for r in probe["results"]] == [["0", "1", "2"]] * 2  # both trained
     assert probe["chosen"] == 1 and agreements[1] == max(agreements) > agreements[0]
     chosen = LOSER_FIRST["starts"][1]
-    assert (report["config"]["output"], report["config"]["init_coefficient"]) == tuple(chosen.values())
+    assert report["start"] == {"configured": {k: LOSER_FIRST[k] for k in chosen}, "chosen": chosen}
+    assert (report["config"]["output"], report["config"]["init_coefficient"]) == (LOSER_FIRST["output"], 0.0)
     assert sorted(report["selection"]["agreement_by_step"], key=int) == ["0", "1", "2", "3"]  # the full run
 
     alone = make(tmp_path / "alone", fabric, **chosen, **settings)
     alone.run(PerTaskHeadsModelPool(suite_dir=str(cnn_suite)))
     assert torch.equal(torch.load(out / "coefficients.pt"),
                        torch.load(tmp_path / "alone" / "artifacts" / "coefficients.pt"))
+    # the winner's probe is the single-start run's first steps: same start, batches, schedule and scores
+    logged = json.loads((tmp_path / "alone" / "artifacts" / "statsmerging_report.json").read_text())
+    by_step = logged["selection"]["agreement_by_step"]
+    assert probe["results"][1]["agreement_by_step"] == {s: by_step[s] for s in ("0", "1", "2")}
 
 
 def test_starts_probes_are_never_longer_than_the_run(tmp_path, fabric, cnn_suite):
@@ -441,3 +453,12 @@ def test_auto_start_refuses_what_it_cannot_search(tmp_path, fabric):
         make(tmp_path, fabric, init_coefficient="auto", output="softmax")
     with pytest.raises(ValueError, match="number or 'auto'"):
         make(tmp_path, fabric, init_coefficient="high")
+
+
+def test_a_suite_naming_the_backbones_old_module_still_loads_and_is_told_the_new_one():
+    """Suites built before the layout name ``fusion_bench_statsmerging.backbones:<Class>`` in suite.json."""
+    from fusion_bench_statsmerging.modelpool.heads import _import
+    from fusion_bench_statsmerging.models.backbones import MobileNetV2Features
+
+    with pytest.warns(DeprecationWarning, match="fusion_bench_statsmerging.models.backbones"):
+        assert _import("fusion_bench_statsmerging.backbones:MobileNetV2Features") is MobileNetV2Features

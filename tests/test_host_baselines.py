@@ -16,6 +16,7 @@ from fusion_bench.method.wudi.wudi import wudi_merging
 
 from conftest import run_fusion_bench
 from fusion_bench_statsmerging import compare
+from fusion_bench_statsmerging.compare.runner import _config_dirs
 from fusion_bench_statsmerging.fixtures.heads import TinyConvNet, build_tiny_cnn_suite, build_tiny_text_suite
 from fusion_bench_statsmerging.method.conv_as_matrix import conv_weight_names, merge_conv_as_matrix
 
@@ -70,7 +71,7 @@ def test_new_rows_are_default_and_data_protocols_are_right():
     assert compare.row_protocol(clip["regmean_plusplus"], clip["regmean_plusplus"].overrides) == compare.TRAIN_UNLABELED
     heads, _ = compare.family_registry("heads")
     assert all(any(o.startswith("method=conv_as_matrix/") for o in heads[k].overrides) for k in DATA_FREE)
-    dirs = compare._config_dirs([])
+    dirs = _config_dirs([])
     for registry in (clip, heads):
         for key in [*DATA_FREE, "regmean_plusplus"]:
             if key in registry:

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from fusion_bench_statsmerging.engine.lora_stats import lora_delta, lora_factor_statistics
-from fusion_bench_statsmerging.engine.stats import FEATURES, tensor_statistics
+from fusion_bench_statsmerging.engine.stats import DEFAULT_FEATURES as FEATURES, tensor_statistics
 
 from conftest import run_suite_cli_and_check_reports
 

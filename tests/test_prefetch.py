@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from conftest import make_algorithm
 from fusion_bench.modelpool import CLIPVisionModelPool
 from fusion_bench_statsmerging.utils import prefetch
-from fusion_bench_statsmerging.method.base import PoolError
+from fusion_bench_statsmerging.utils.errors import PoolError
 from fusion_bench_statsmerging.utils.prefetch import Need
 
 TA8 = ["modelpool=clip-vit-base-patch32_TA8", "taskpool=clip-vit-classification_TA8"]

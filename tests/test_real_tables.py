@@ -11,6 +11,11 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks" / "real_suites"))
 import tables  # noqa: E402
 
 
+def docs_text() -> str:
+    """The current benchmarks page and the history (where superseded runs' tables live) together."""
+    return "".join((REPO_ROOT / "docs" / name).read_text() for name in ("benchmarks.md", "history.md"))
+
+
 def _row(key, label, accuracies=None, status="ok", error=None):
     average = sum(accuracies.values()) / len(accuracies) if accuracies else None
     return dict(key=key, label=label, protocol="p", accuracies=accuracies, average=average, status=status,
@@ -36,7 +41,7 @@ def test_rows_in_reading_order_with_failures_and_references():
 def test_docs_tables_are_the_committed_results():
     """Each GPU table in docs/benchmarks.md is tables.py's output on the raw results committed beside it,
     so no figure there is typed by hand."""
-    docs = (REPO_ROOT / "docs" / "benchmarks.md").read_text()
+    docs = docs_text()
     for name in ("real_vision_gpu", "real_hetero_gpu", "real_text_gpu",
                  "real_vision_gpu_issue19", "real_hetero_gpu_issue19", "real_text_gpu_issue19",
                  "real_vision_gpu_issue19b", "real_hetero_gpu_issue19b", "real_text_gpu_issue19b",
@@ -73,25 +78,42 @@ def test_docs_ablation_table_is_the_committed_runs(campaign):
     import ablation
     scores = ablation.collect(_folders(campaign))
     rendered = ablation.markdown(scores, ablation.choose(scores))
-    assert rendered in (REPO_ROOT / "docs" / "benchmarks.md").read_text()
+    assert rendered in docs_text()
 
 
 def test_latest_campaign_chose_the_committed_configuration():
-    """The committed StatsMerging-R configuration is the candidate the latest campaign chose on validation,
-    setting for setting; its ``max_samples_per_task`` (null: every image, as it ran) is a cap no train
-    split of the real suites reaches."""
+    """The committed StatsMerging-R configuration is what the latest campaign chose on validation, read from
+    the settings its runs recorded (not from ablation.py's candidate table, which is written relative to the
+    configuration itself): the two starts, each the start of one picked-from run, and every other setting of
+    the configuration as those runs ran it. Its ``max_samples_per_task`` (the runs had no cap) is a cap no
+    train split of the real suites reaches; ``max_epochs`` is unused beside ``max_steps``."""
     import ablation
     from omegaconf import OmegaConf
-    chosen = ablation.choose(ablation.collect(_folders("issue19c")))
-    config = OmegaConf.load(REPO_ROOT / "config" / "method" / "statsmerging_residual.yaml")
+    folders = _folders("issue19c")
+    assert ablation.choose(ablation.collect(folders)) == ablation.TWO_STARTS
+    config = OmegaConf.to_container(OmegaConf.load(REPO_ROOT / "config" / "method" / "statsmerging_residual.yaml"))
     largest = max(size["train"] for name in ("real_vision_gpu_issue19c", "real_text_gpu_issue19b")
                   for task in json.loads((REPO_ROOT / "docs" / "results" / name / "manifest.json").read_text())[
                       "tasks"].values() for size in [task["sizes"]])
-    for override in ablation.CANDIDATES[chosen][1]:
-        if override == "method.max_samples_per_task=null":
-            assert config.max_samples_per_task >= largest, (config.max_samples_per_task, largest)
-        else:
-            assert ablation.override_holds(config, override), override
+    assert config["max_samples_per_task"] >= largest, (config["max_samples_per_task"], largest)
+    assert config["start_probe_steps"] == ablation.PROBE_STEPS and config["max_steps"] is not None
+    assert {"output": config["output"], "init_coefficient": config["init_coefficient"]} == config["starts"][0]
+    shared = {k: v for k, v in config.items() if k not in (
+        "defaults", "name", "starts", "start_probe_steps", "output", "init_coefficient", "max_samples_per_task",
+        "max_epochs")}
+    for folder in folders:
+        for key, start in zip(ablation.START_RUNS, config["starts"], strict=True):
+            ran = json.loads((folder / "runs" / key / "statsmerging_report.json").read_text())["config"]
+            assert {k: ran[k] for k in start} == start, (folder.name, key)
+            differ = {k: (v, ran[k]) for k, v in shared.items() if not _same_setting(v, ran[k])}
+            assert not differ, (folder.name, key, differ)
+
+
+def _same_setting(configured, ran) -> bool:
+    """YAML keeps ``5e-4`` as text, the run's report as the number it became."""
+    if isinstance(configured, str) and isinstance(ran, float):
+        return float(configured) == ran
+    return configured == ran
 
 
 def test_gap_is_the_best_statsmerging_row_against_the_best_other_merge():
@@ -106,7 +128,7 @@ def test_gap_is_the_best_statsmerging_row_against_the_best_other_merge():
 
 def test_docs_exported_pool_tables_are_the_committed_results():
     """The OpenCLIP / LoRA tables in docs/benchmarks.md are the rows statsmerging-compare wrote (results.md)."""
-    docs = (REPO_ROOT / "docs" / "benchmarks.md").read_text()
+    docs = docs_text()
     for pool in ("dense", "openclip", "lora"):
         written = (REPO_ROOT / "docs" / "results" / "exported_pools_tiny_cpu" / pool / "results.md").read_text()
         rows = [line for line in written.splitlines() if line.startswith("|")]
@@ -122,7 +144,7 @@ def test_tables_names_a_missing_results_file(tmp_path, capsys):
 def test_docs_loop_step_figures_are_the_committed_engine_results():
     """The 1.3x check in docs/benchmarks.md (loop step vs merge_speed.py) quotes the raw JSON beside it."""
     raw = REPO_ROOT / "docs" / "results" / "engine_gpu_issue19d"
-    docs = (REPO_ROOT / "docs" / "benchmarks.md").read_text()
+    docs = docs_text()
     section = docs[docs.index("### The training loop's step against"):docs.index("### Scaling with the number")]
     for name, tag in (("e2e_b32_issue19d.json", "| `--profile 20` |"), ("e2e_b32_issue19d_noprofile.json", "| no profile |")):
         run = json.loads((raw / name).read_text())["results"][0]
@@ -162,7 +184,7 @@ def test_docs_auto_start_check_is_the_committed_runs():
     """The CPU check of init_coefficient: auto quotes ablation.py's rows and the search's scores of the raw runs."""
     import ablation
     raw = REPO_ROOT / "docs" / "results" / "ablation_initauto_tiny_cpu"
-    docs = (REPO_ROOT / "docs" / "benchmarks.md").read_text()
+    docs = docs_text()
     scores = ablation.collect([raw])
     rendered = ablation.markdown(scores, ablation.choose(scores)).splitlines()
     for key in ("**statsmerging_residual**", "ablation_r_initauto_long3k |"):
@@ -195,13 +217,6 @@ def test_two_starts_replay_picks_by_agreement_within_the_probe_and_stands_for_th
     assert ablation.collect([suite])[ablation.TWO_STARTS] == {"suite": (0.7, 0.6)}  # no label read to pick
     assert ablation.replay_pick(tmp_path / "empty") is None
 
-    rows = [_row("ablation_r_long3k", "ablation_r_long3k", {"a": 0.6}), _row(ablation.MAIN_KEY, ablation.CHOSEN_LABEL.format(
-        "ablation_r_init03_long3k"), {"a": 0.8})]
-    promoted = ablation.promote_rows(rows, ablation.TWO_STARTS, "ablation_r_long3k")
-    assert [(r["key"], r.get("promoted_from")) for r in promoted] == [
-        (ablation.MAIN_KEY, "ablation_r_long3k"), ("ablation_r_init03_long3k", None)]  # the earlier promotion undone
-    again = ablation.promote_rows(promoted, ablation.TWO_STARTS, "ablation_r_init03_long3k")
-    assert [r["key"] for r in again] == ["ablation_r_long3k", ablation.MAIN_KEY]
 
 
 def test_docs_two_starts_replay_is_the_committed_runs():
@@ -209,4 +224,4 @@ def test_docs_two_starts_replay_is_the_committed_runs():
     import ablation
     folders = [REPO_ROOT / "docs" / "results" / name for name in (
         "real_vision_gpu_issue19c", "real_text_gpu_issue19b", "real_hetero_gpu_issue19c", "real_vision_gpu_issue19b")]
-    assert ablation.replay_markdown(folders) in (REPO_ROOT / "docs" / "benchmarks.md").read_text()
+    assert ablation.replay_markdown(folders) in docs_text()

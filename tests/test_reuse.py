@@ -14,6 +14,7 @@ from fusion_bench_statsmerging.engine.learner import relative_depth
 from fusion_bench_statsmerging.engine.merge import HostLayerWiseEngine
 from fusion_bench_statsmerging.engine.reuse import FORMAT_VERSION, LearnerFileError, load_learner
 from fusion_bench_statsmerging.modelpool.clip_suite import CLIPSuiteModelPool
+from fusion_bench_statsmerging.engine.trainer import Trainer
 
 REUSE = dict(mode=None, features=None, rank=None)  # as config/method/statsmerging_reuse.yaml leaves them
 
@@ -136,14 +137,14 @@ def test_fine_tuning_starts_from_the_loaded_learner(trained, tmp_path, modelpool
     algorithm = make_algorithm(tmp_path, cpu_fabric, max_steps=2, learner_path=str(trained / "learner.pt"), **REUSE)
     assert not algorithm.reuses_without_training
     start = {}
-    original = algorithm.train
+    original = Trainer.train
 
-    def spy(engine, module, pixels, targets, *rest):
+    def spy(trainer, engine, module, fit, *rest, **kwargs):
         start["coef"] = module().detach().cpu()
-        start["tasks"] = sorted(pixels)
-        return original(engine, module, pixels, targets, *rest)
+        start["tasks"] = sorted(fit.inputs)
+        return original(trainer, engine, module, fit, *rest, **kwargs)
 
-    monkeypatch.setattr(algorithm, "train", spy)
+    monkeypatch.setattr(Trainer, "train", spy)
     algorithm.run(modelpool)
     torch.testing.assert_close(start["coef"], torch.load(trained / "coefficients.pt"), rtol=0, atol=1e-6)
     assert start["tasks"] == sorted(modelpool.model_names)  # it did read fitting data, as training must

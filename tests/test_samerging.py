@@ -19,10 +19,11 @@ from conftest import REPO_ROOT
 from test_cli import _env, _run
 from test_training import LabelTrap
 from fusion_bench_statsmerging.engine.distillation import distillation_loss
-from fusion_bench_statsmerging.method.base import build_engine
+from fusion_bench_statsmerging.engine.engines import build_engine
 from fusion_bench_statsmerging.method.samerging import CLIPSAMergingAlgorithm, FreeCoefficients
 from fusion_bench_statsmerging.engine.sam import SAM, OutputPerturbation, perturbation
 from fusion_bench_statsmerging.modelpool.clip_suite import CLIPSuiteModelPool
+from fusion_bench_statsmerging.engine.trainer import Trainer
 
 RHO = 0.07
 IMAGES_PER_TASK = 4
@@ -67,7 +68,7 @@ class Rig:
         return build_engine(name, self._load("pretrained"), [self._load("experts", t) for t in self.tasks])
 
     def closure(self, engine, module):
-        return lambda: self.algorithm.closure_loss(engine, module, self.batch)
+        return lambda: self.algorithm.trainer().closure_loss(engine, module, self.batch)
 
     def reference_loss(self, coefficients):
         """The distillation loss of the model merged by hand at ``coefficients`` (K, L)."""
@@ -162,7 +163,7 @@ def test_asam_perturbation_matches_its_formula(rig):
 
     def closure():
         seen.append(module.coefficients.detach().clone())
-        return rig.algorithm.closure_loss(engine, module, rig.batch)
+        return rig.algorithm.trainer().closure_loss(engine, module, rig.batch)
 
     sam = SAM(_adam([module.coefficients]), rho=RHO, adaptive=True)
     sam.step(closure)
@@ -249,7 +250,7 @@ def test_configs_carry_the_papers_defaults_and_share_one_sam():
     assert stats_sam.optimizer == "sam" and stats_sam.loss == "hard"
     assert (stats_sam.max_steps, stats_sam.max_epochs, stats_sam.lr_step_epochs) == (None, 500, 100)  # the paper's
     for algorithm in (samerging, stats_sam):
-        optimizer = algorithm.make_optimizer([torch.nn.Parameter(torch.zeros(2))])
+        optimizer = algorithm.trainer().make_optimizer([torch.nn.Parameter(torch.zeros(2))])
         assert isinstance(optimizer, SAM) and isinstance(optimizer.base_optimizer, torch.optim.Adam)
     assert optimizer.base_optimizer.param_groups[0]["weight_decay"] == 0.0  # StatsMerging keeps its own
     # an explicit step count wins over epochs; the sample budget cannot be given twice
@@ -268,8 +269,9 @@ def test_only_coefficients_train_heads_stay_frozen_and_no_label_is_read(tmp_path
     monkeypatch.setattr(pool, "load_test_dataset", lambda name: pytest.fail("test split was read"))
     algorithm = _algorithm(tmp_path, mode=mode)
     seen = {}
-    original = algorithm.make_optimizer
-    monkeypatch.setattr(algorithm, "make_optimizer", lambda params: original(seen.setdefault("params", list(params))))
+    original = Trainer.make_optimizer
+    monkeypatch.setattr(Trainer, "make_optimizer",
+                        lambda trainer, params: original(trainer, seen.setdefault("params", list(params))))
     merged = algorithm.run(pool)
 
     # the optimizer held exactly one tensor: the free coefficients, (K, L) or (K,)

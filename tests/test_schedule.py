@@ -12,6 +12,7 @@ from fusion_bench_statsmerging.engine.learner import StatsMergeLearner
 from fusion_bench_statsmerging.method.statsmerging.coefficients import LearnerCoefficients
 from fusion_bench_statsmerging.engine.schedule import resolve_schedule, steps_per_epoch
 from fusion_bench_statsmerging.engine.selection import BestState
+from fusion_bench_statsmerging.engine.trainer import Trainer
 
 
 def test_an_epoch_is_one_pass_over_the_largest_fit_set():
@@ -86,8 +87,12 @@ def test_validation_selection_reads_no_label_and_no_test_image(tmp_path, modelpo
     best_step = selection["best_step"]
     assert selection["best_agreement"] == max(selection["agreement_by_step"].values())
     assert selection["agreement_by_step"][str(best_step)] == selection["best_agreement"]
-    learner = torch.load(tmp_path / "artifacts" / "learner.pt")
-    assert learner is not None
+    # the result is the kept state, not the last: its coefficients are those logged after step best_step
+    history = {h["step"]: h for h in report["history"]}
+    assert 0 < best_step < 6, "the tiny run no longer keeps an earlier state: this test would not tell"
+    coefficients = torch.load(tmp_path / "artifacts" / "coefficients.pt")
+    assert float(coefficients.mean()) == pytest.approx(history[best_step - 1]["coefficients/mean"], abs=1e-6)
+    assert float(coefficients.mean()) != pytest.approx(history[5]["coefficients/mean"], abs=1e-6)
 
 
 def test_feature_distillation_adds_the_experts_features_to_the_loss(tmp_path, modelpool, cpu_fabric):
@@ -125,17 +130,17 @@ def test_statsmerging_r_config_composes_and_trains_learner_and_residual(tmp_path
     algorithm = instantiate(cfg)
     algorithm.fabric = cpu_fabric
     seen = {}
-    original = algorithm.make_optimizer
-    monkeypatch.setattr(algorithm, "make_optimizer", lambda params: original(seen.setdefault("p", []).append(
-        list(params)) or seen["p"][-1]))
-    score = algorithm.selection_score
+    original = Trainer.make_optimizer
+    monkeypatch.setattr(Trainer, "make_optimizer", lambda trainer, params: original(
+        trainer, seen.setdefault("p", []).append(list(params)) or seen["p"][-1]))
+    score = Trainer.selection_score
     snapshots = []
 
-    def spy(engine, module, data):  # the main run's last three calls: at step 0, after steps 2 and 3
+    def spy(trainer, engine, module, data):  # the main run's last three calls: at step 0, after steps 2 and 3
         snapshots.append([p.detach().clone() for p in module.parameters()])
-        return score(engine, module, data)
+        return score(trainer, engine, module, data)
 
-    monkeypatch.setattr(algorithm, "selection_score", spy)
+    monkeypatch.setattr(Trainer, "selection_score", spy)
     algorithm.run(modelpool)
     assert [len(p) for p in seen["p"]] == [5] * 3  # two MLP layers (weight, bias each) + the residual
     assert len(snapshots) == 2 * 2 + 3  # two probes of one step (scored at 0 and 1), then the run
@@ -151,7 +156,7 @@ def test_statsmerging_r_config_composes_and_trains_learner_and_residual(tmp_path
 def test_fit_data_placement_auto_keeps_a_large_fit_set_in_host_memory(monkeypatch):
     """``fit_data_on_device: auto`` sends the fit set to the GPU only when it takes at most a quarter of the
     free memory (the recommended budget is GBs of CLIP pixels); true / false decide; the CPU keeps it."""
-    from fusion_bench_statsmerging.engine import inputs
+    from fusion_bench_statsmerging.utils import inputs
     from fusion_bench_statsmerging.utils.errors import UserError
 
     cuda = torch.device("cuda", 0)

@@ -18,12 +18,13 @@ from omegaconf import OmegaConf
 
 from conftest import REPO_ROOT
 from fusion_bench.utils import instantiate
-from fusion_bench_statsmerging.method.base import PoolError
+from fusion_bench_statsmerging.utils.errors import PoolError
 from fusion_bench_statsmerging.method.seq2seq import (
     TaskData, default_verbalizer, load_tokenizer, split_module_aliases, trim_padding,
 )
 from fusion_bench_statsmerging.method.statsmerging.seq2seq_statsmerging import Seq2SeqStatsMergingAlgorithm
 from fusion_bench_statsmerging.fixtures.t5 import TASKS, torch_threads
+from fusion_bench_statsmerging.engine.trainer import Trainer
 
 LABEL_COLUMNS = {"label", "labels"}
 
@@ -100,17 +101,17 @@ class RowTrap(torch.utils.data.Dataset):
 def spy_on_gradients(algorithm, monkeypatch):
     """Record the optimizer's parameters and their gradients at every step."""
     seen = {"grads": []}
-    original = algorithm.make_optimizer
+    original = Trainer.make_optimizer
 
-    def make_optimizer(params):
+    def make_optimizer(trainer, params):
         params = list(params)
-        optimizer = original(params)
+        optimizer = original(trainer, params)
         optimizer.register_step_pre_hook(lambda *_: seen["grads"].append(
             [None if p.grad is None else p.grad.detach().clone() for p in params]))
         seen["params"] = params
         return optimizer
 
-    monkeypatch.setattr(algorithm, "make_optimizer", make_optimizer)
+    monkeypatch.setattr(Trainer, "make_optimizer", make_optimizer)
     return seen
 
 

@@ -14,6 +14,7 @@ from fusion_bench_statsmerging.engine.learner import StatsMergeLearner
 from fusion_bench_statsmerging.engine.merge import HostLayerWiseEngine
 from fusion_bench_statsmerging.method.statsmerging.clip_statsmerging import LearnerCoefficients, pool_statistics
 from fusion_bench_statsmerging.engine.stats import FeatureNormalizer
+from fusion_bench_statsmerging.engine.trainer import Trainer
 
 
 def _engine(suite_dir):
@@ -48,13 +49,13 @@ def test_every_learner_parameter_gets_a_gradient_through_the_merged_model(suite_
 def test_training_changes_only_the_learner(tmp_path, suite_dir, modelpool, cpu_fabric, monkeypatch):
     algorithm = make_algorithm(tmp_path, cpu_fabric, max_steps=4)
     seen = {}
-    original = algorithm.make_optimizer
+    original = Trainer.make_optimizer
 
-    def spy(params):
+    def spy(trainer, params):
         seen["params"] = list(params)
-        return original(seen["params"])
+        return original(trainer, seen["params"])
 
-    monkeypatch.setattr(algorithm, "make_optimizer", spy)
+    monkeypatch.setattr(Trainer, "make_optimizer", spy)
     expert_before = {t: CLIPVisionModel.from_pretrained(suite_dir / "experts" / t).state_dict()
                      for t in modelpool.model_names}
     merged = algorithm.run(modelpool)

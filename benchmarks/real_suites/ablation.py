@@ -8,13 +8,11 @@ reads validation only: the candidate with the best validation average over the g
 
     python benchmarks/real_suites/ablation.py --add-args [--only K,K]  # rows for statsmerging-compare
     python benchmarks/real_suites/ablation.py --choose W/compare_vision W/compare_text W/compare_hetero
-    python benchmarks/real_suites/ablation.py --promote KEY DIR...    # chosen candidate -> main row
     python benchmarks/real_suites/ablation.py --replay DIR...         # the two starts' probes, replayed
 
-``--promote`` renames rows in each ``results.json`` (backup ``results.before_promote.json``): the
-chosen candidate becomes ``statsmerging_residual`` and the run that had that key becomes
-``ablation_r_base``; nothing is rerun, and only validation scores have chosen the candidate. Every folder
-is checked before any is written (atomically), so a folder without the candidate changes none.
+Nothing here writes into a comparison's folder: its ``results.json`` is the record of its run. The
+choice is a derived table (``--choose``, ``--json`` to keep it as a file); a configuration chosen here
+is committed in its YAML and must then run as its own row before any table shows it.
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ import shlex
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from fusion_bench_statsmerging.compare.rows import TRAIN_UNLABELED_SELECTED  # plain constants, no torch
 
 MAIN_KEY = "statsmerging_residual"
 BASE_CONFIG = "method=statsmerging_residual_heads"
@@ -229,80 +226,19 @@ def markdown(scores: Mapping[str, Mapping[str, Tuple[Optional[float], Optional[f
     return "\n".join(lines)
 
 
-CHOSEN_LABEL = "StatsMerging-R (chosen on validation: {})"
-REPLAY_LABEL = "StatsMerging-R (chosen on validation: {}; the run of the start its probes pick here: {})"
-MAIN_PROTOCOL = TRAIN_UNLABELED_SELECTED  # the main row's data protocol (an --add row has none of its own)
-
-
-def promote_rows(rows: List[dict], chosen: str, source: Optional[str] = None) -> List[dict]:
-    """The rows with ``chosen`` as the main row (see :func:`promote`); a new list, ``rows`` untouched.
-    ``source``: the row that stands for it (default: its own; the two starts' replay: the picked start's).
-
-    A main row that an earlier promotion made goes back to the key of the row it came from; a main row
-    that ran as the committed configuration becomes ``ablation_r_base``; a comparison run without a main
-    row (its candidates named every configuration in play) just gets the chosen one as its main row.
-    """
-    source = source or chosen
-    if chosen == MAIN_KEY:
-        return [dict(r) for r in rows]
-    out = []
-    for row in rows:  # first, an earlier promotion is undone
-        row = dict(row)
-        if row["key"] == MAIN_KEY:
-            earlier = row.pop("promoted_from", None) or next(
-                (k for k in CANDIDATES if row["label"] == CHOSEN_LABEL.format(k)), None)
-            if earlier is not None:
-                row["key"] = row["label"] = earlier
-            else:
-                row["key"], row["label"] = "ablation_r_base", "StatsMerging-R as committed before the ablation"
-        out.append(row)
-    if not any(r["key"] == source for r in out):
-        raise ValueError(f"no row {source!r} to promote")
-    label = CHOSEN_LABEL.format(chosen) if source == chosen else REPLAY_LABEL.format(chosen, source)
-    for row in out:
-        if row["key"] == source:  # an --add row has no protocol of its own: the main row's
-            row.update(key=MAIN_KEY, label=label, protocol=MAIN_PROTOCOL, promoted_from=source)
-    return out
-
-
-def promote(chosen: str, dirs: List[Path]) -> None:
-    """Make the chosen candidate's run the main row of each results.json (see the module docstring)."""
-    from fusion_bench_statsmerging.utils.artifacts import save_json  # atomic; imports torch, so only here
-
-    if chosen == MAIN_KEY:
-        return
-    loaded, promoted = {}, {}
-    for d in dirs:  # every folder is checked before any is written: a promotion is all or nothing
-        loaded[d] = json.loads((d / "results.json").read_text())
-        ran = any(r["key"] == chosen for r in loaded[d]["rows"])
-        source = replay_pick(d / "runs") if chosen == TWO_STARTS and not ran else chosen
-        try:
-            promoted[d] = promote_rows(loaded[d]["rows"], chosen, source)
-        except ValueError as e:
-            raise SystemExit(f"{d}: {e}; nothing was promoted") from None
-    for d, results in loaded.items():
-        backup = d / "results.before_promote.json"
-        if not backup.exists():  # the comparison's own output is kept once, whatever is promoted later
-            save_json(backup, results)
-        save_json(d / "results.json", {**results, "rows": promoted[d]})
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--add-args", action="store_true", help="print the candidates' --add arguments")
     parser.add_argument("--only", help="with --add-args: a comma-separated subset of the candidates")
     parser.add_argument("--choose", nargs="+", type=Path, metavar="COMPARE_DIR")
-    parser.add_argument("--promote", nargs="+", metavar=("KEY", "COMPARE_DIR"))
     parser.add_argument("--replay", nargs="+", type=Path, metavar="COMPARE_DIR",
                         help="the two starts' probes replayed from the runs of each start (see replay_pick)")
     args = parser.parse_args(argv)
-    for d in [*(args.choose or []), *(args.promote or [])[1:], *(args.replay or [])]:
+    for d in [*(args.choose or []), *(args.replay or [])]:
         if not Path(d, "results.json").is_file():
             parser.error(f"{d} holds no results.json: give statsmerging-compare output folders")
     if args.only and not args.add_args:
         parser.error("--only selects candidates for --add-args; give --add-args too")
-    if args.promote and args.promote[0] not in [MAIN_KEY, *CANDIDATES]:
-        parser.error(f"unknown candidate '{args.promote[0]}'; known: {[MAIN_KEY, *CANDIDATES]}")
     if args.add_args:
         print(" ".join(shlex.quote(a) for a in add_args(args.only.split(",") if args.only else None)))
     if args.choose:
@@ -312,8 +248,6 @@ def main(argv=None) -> None:
         print(f"\nchosen on validation: {chosen}")
     if args.replay:
         print(replay_markdown(args.replay))
-    if args.promote:
-        promote(args.promote[0], [Path(p) for p in args.promote[1:]])
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ HETERO_ROWS=${HETERO_METHODS:-adamerging_layer_train,samerging,statsmerging_resi
 # (ABLATION_CANDIDATES=key,key,...: only those candidates)
 ABLATION=${ABLATION:-0}
 DEVICE=${DEVICE:-cuda}; BUILD_ARGS=${BUILD_ARGS:-}
+COMPARE_ARGS=${COMPARE_ARGS:-}  # more statsmerging-compare arguments for every comparison (e.g. --budget matched)
 JOBS_VISION=${JOBS_VISION:-$JOBS}; JOBS_TEXT=${JOBS_TEXT:-$JOBS}; JOBS_HETERO=${JOBS_HETERO:-$JOBS}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 step() { echo "$(date +%T) $*" >>"$W/status"; }
@@ -59,7 +60,7 @@ compare() {  # compare NAME SUITE METHODS JOBS [extra args...]
     ablation+=(--extra-overrides "taskpool.extra_splits=[validation]")
   fi
   python3 -m fusion_bench_statsmerging.compare --suite "$suite" --out "$W/compare_$name" --jobs "$jobs" \
-    --timeout "$TIMEOUT" --methods "$methods" "$@" "${ablation[@]}" >"$W/compare_$name.log" 2>&1
+    --timeout "$TIMEOUT" --methods "$methods" $COMPARE_ARGS "$@" "${ablation[@]}" >"$W/compare_$name.log" 2>&1
   step "compare_$name rc=$?"
 }
 

@@ -40,7 +40,6 @@ then says that wall times overlap. Peak memory is per child process either way.
 from __future__ import annotations
 
 from .cli import build_context, family_registry, main, parse_args, run_specs, select_specs
-from .experts import _experts_algorithm_class
 from .report import (
     collect_report, error_tail, markdown, parse_report, plot, summarize_error, task_accuracies, task_order, write_csv,
     write_outputs,
@@ -51,7 +50,7 @@ from .rows import (
     TRAIN_UNLABELED_SELECTED, USES_LABELS, VALIDATION_UNLABELED, MethodSpec, suite_family,
 )
 from .runner import (
-    CHILD_FLAG, Context, _config_dirs, _hydra_value, build_overrides, child_main, command_line, config_file, launch,
+    CHILD_FLAG, Context, build_overrides, child_main, command_line, config_file, launch,
     placeholder_values, row_protocol, skipped_row, suite_problem,
 )
 
@@ -59,6 +58,8 @@ from .runner import (
 def __getattr__(name: str):
     """PEP 562 hook: Hydra's ``_target_`` lookup finds the experts method without an eager import."""
     if name == "ExpertsOnOwnTasks":
+        from .experts import _experts_algorithm_class
+
         cls = _experts_algorithm_class()
         globals()[name] = cls
         return cls

@@ -4,6 +4,7 @@ selection, and running the rows ``--jobs`` at a time into the result files."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import shutil
 import signal
@@ -13,9 +14,11 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from .budget import parse_budget
 from .report import write_outputs
 from .rows import (
-    CUSTOM, DEFAULT_METHODS, HEADS_DEFAULT_METHODS, HEADS_REGISTRY, REGISTRY, MethodSpec, suite_family,
+    CUSTOM, DEFAULT_METHODS, EVIDENCE_METHODS, HEADS_DEFAULT_METHODS, HEADS_REGISTRY, REGISTRY, MethodSpec,
+    suite_family,
 )
 from .runner import (
     CHILD_FLAG, Context, _config_dirs, _kill_live, build_overrides, child_main, command_line, config_file, launch,
@@ -40,7 +43,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="modelpool config name (default: clip_suite, or heads_suite for a per-task-head --suite)")
     p.add_argument("--taskpool", default=None, help="taskpool config name (default: as --modelpool's default)")
     p.add_argument("--methods", default=None,
-                   help="comma-separated method keys (default: all standard ones; see --list)")
+                   help="comma-separated method keys (default: all standard ones; see --list); 'evidence': "
+                        "the recommended configuration, its ablations at its budget and the peers")
+    p.add_argument("--budget", default=None, metavar="matched|images=N,steps=N[,...]",
+                   help="one budget for every trained row: 'matched' = the recommended configuration's "
+                        "(statsmerging_residual.yaml: unlabeled images per task, steps incl. start probes, "
+                        "label-free selection); or explicit images=,steps=[,starts=,probe_steps=,select_every=,"
+                        "select_samples=]. Default: each row's own (its budget is still reported)")
     p.add_argument("--out", type=Path, default=Path("outputs/compare"), help="output directory")
     p.add_argument("--timeout", type=float, default=3 * 3600, help="seconds per method (default 3 h)")
     p.add_argument("--fast", action="store_true",
@@ -90,6 +99,9 @@ def select_specs(args: argparse.Namespace, registry: Mapping[str, MethodSpec],
     builtin = REGISTRY if builtin is None else builtin
     if args.methods:
         keys = [k.strip() for k in args.methods.split(",") if k.strip()]
+        if "evidence" in keys:
+            at = keys.index("evidence")
+            keys[at:at + 1] = [k for k in EVIDENCE_METHODS if k in builtin and k not in keys]
         keys += [k for k in registry if k not in builtin and k not in keys]  # rows from --add always run
     else:
         keys = [k for k in defaults if k in registry] + [k for k in registry if k not in builtin]
@@ -113,7 +125,8 @@ def build_context(args: argparse.Namespace) -> Context:
     return Context(out=args.out.resolve(), modelpool=args.modelpool or pool, taskpool=args.taskpool or pool,
                    extra_overrides=extra,
                    per_method=per_method, env=env, timeout=args.timeout, fast=args.fast,
-                   fast_steps=args.fast_steps, jobs=args.jobs)
+                   fast_steps=args.fast_steps, jobs=args.jobs,
+                   budget=parse_budget(args.budget, _config_dirs(extra)))
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -152,6 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     shutil.rmtree(ctx.cache_dir, ignore_errors=True)  # fresh heads: the suite may have been rebuilt
     meta = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "modelpool": ctx.modelpool,
             "taskpool": ctx.taskpool, "fast": ctx.fast, "jobs": ctx.jobs,
+            "budget": None if ctx.budget is None else {**dataclasses.asdict(ctx.budget), "steps": ctx.budget.steps},
             "extra_overrides": ctx.extra_overrides, "env": ctx.env, "argv": argv}
     slots: List[Optional[Dict[str, Any]]] = [None] * len(specs)
     todo = []

@@ -14,6 +14,7 @@ import signal
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from .budget import budget_cells
 from .rows import PROTOCOL_NOTE, MethodSpec
 
 
@@ -114,6 +115,11 @@ def collect_report(spec: MethodSpec, run_dir: Path, code: int, stderr: str) -> D
 
 
 # --------------------------------------------------------------------------- outputs
+BUDGET_NOTE = (
+    "Budget: unlabeled images per task a row fitted on, its optimisation steps (start probes and searches "
+    "included), forward+backward passes per step (2 under SAM), and which state it kept; read from each run's "
+    "own report where it writes one, else from the row's settings. 'Settings chosen' says where a row's "
+    "settings come from. Margins between rows of unequal budget are not a comparison of methods.")
 def task_order(rows: Sequence[Mapping[str, Any]]) -> List[str]:
     """Tasks in first-seen order across rows, so columns are stable and complete."""
     seen: Dict[str, None] = {}
@@ -138,7 +144,8 @@ def _md_cell(text: Any) -> str:
 
 def markdown(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str], meta: Mapping[str, Any]) -> str:
     """``results.md``: the table (accuracies in %), failures with their stderr tails, commands."""
-    head = ["Method", "Data protocol", *tasks, "Avg.", "Time (s)", "Peak RSS (MiB)", "Peak CUDA (MiB)", "Status"]
+    head = ["Method", "Data protocol", *tasks, "Avg.", "Images/task", "Steps", "Passes/step", "Selection",
+            "Settings chosen", "Time (s)", "Peak RSS (MiB)", "Peak CUDA (MiB)", "Status"]
     lines = ["# Model merging comparison", "",
              f"modelpool `{meta['modelpool']}`, taskpool `{meta['taskpool']}`; accuracy in %; "
              f"{meta['created']}{'; fast mode' if meta.get('fast') else ''}.", ""]
@@ -146,12 +153,12 @@ def markdown(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str], meta: Mapp
         lines += [f"**{meta['jobs']} methods ran at a time (`--jobs {meta['jobs']}`)**: their wall times "
                   "overlap and include contention for the GPU and CPU, so they are not comparable "
                   "to a serial run's; peak memory is still measured per process.", ""]
-    lines += [PROTOCOL_NOTE, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += [PROTOCOL_NOTE, "", BUDGET_NOTE, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         accs = r.get("accuracies") or {}
         status = "ok" if r["status"] == "ok" else f"{r['status']}: {r.get('error') or ''}"
         cells = [r["label"], r["protocol"], *[_pct(accs.get(t)) for t in tasks], _pct(r.get("average")),
-                 _num(r.get("wall_time_s")), _num(r.get("peak_rss_mib"), "{:.0f}"),
+                 *budget_cells(r.get("budget")).values(), r.get("settings", ""), _num(r.get("wall_time_s")), _num(r.get("peak_rss_mib"), "{:.0f}"),
                  _num(r.get("peak_cuda_mib"), "{:.0f}"), status]
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
     failed = [r for r in rows if r["status"] != "ok"]
@@ -169,8 +176,8 @@ def markdown(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str], meta: Mapp
 
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> None:
     """``results.csv``: raw accuracies in [0, 1], one row per method."""
-    cols = ["method", "key", "protocol", *tasks, "average", "wall_time_s", "peak_rss_mib",
-            "peak_cuda_mib", "status", "error"]
+    cols = ["method", "key", "protocol", *tasks, "average", "images_per_task", "steps", "passes_per_step",
+            "selection", "settings", "wall_time_s", "peak_rss_mib", "peak_cuda_mib", "status", "error"]
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(cols)
@@ -178,6 +185,7 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], tasks: Sequence[str
             accs = r.get("accuracies") or {}
             w.writerow([r["label"], r["key"], r["protocol"], *[accs.get(t, "") for t in tasks],
                         "" if r.get("average") is None else r["average"],
+                        *budget_cells(r.get("budget")).values(), r.get("settings", ""),
                         *["" if r.get(k) is None else r[k] for k in ("wall_time_s", "peak_rss_mib", "peak_cuda_mib")],
                         r["status"], r.get("error") or ""])
 
@@ -201,7 +209,7 @@ def plot(path: Path, rows: Sequence[Mapping[str, Any]], title: str) -> None:
             continue
         ax.barh(y, 100 * avg, color=colors[r["protocol"]])
         ax.text(100 * avg + 1, y, f"{100 * avg:.1f}", va="center", fontsize=8)
-    ax.set_yticks(ys, [r["label"] for r in rows], fontsize=8)
+    ax.set_yticks(ys, [_budget_label(r) for r in rows], fontsize=8)
     ax.set_ylim(-0.7, len(rows) - 0.3)
     ax.set_xlim(0, 110)
     ax.set_xlabel("average accuracy (%)")
@@ -211,6 +219,14 @@ def plot(path: Path, rows: Sequence[Mapping[str, Any]], title: str) -> None:
               ncol=2, frameon=False)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def _budget_label(row: Mapping[str, Any]) -> str:
+    """A bar's label with its budget, so the chart never compares rows of unequal budget silently."""
+    cells = budget_cells(row.get("budget"))
+    if not cells["steps"] or cells["steps"] == "0":
+        return row["label"] + (" [no training]" if cells["steps"] == "0" else "")
+    return f"{row['label']} [{cells['images/task']} img/task, {cells['steps']} steps x{cells['passes/step']}]"
 
 
 def write_outputs(out: Path, rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:

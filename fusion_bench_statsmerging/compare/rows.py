@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 
 # --------------------------------------------------------------------------- protocols
@@ -40,6 +40,33 @@ OUR_PROTOCOLS = {
 }
 
 
+# --------------------------------------------------------------------------- budgets
+DATA_FREE = {"images_per_task": 0, "steps": 0, "passes_per_step": 0, "selection": "none (no data)"}
+HOST_ADAMERGING = {"images_per_task": "all", "steps": 1000, "passes_per_step": 1, "selection": "last state"}
+_SELECT = ("method.select_by=validation_agreement", "method.select_every={select_every}",
+           "method.select_samples={select_samples}")
+# a common budget for our rows without probes: every step of the recommended run (probes included)
+_OURS_MATCHED = ("method.max_epochs=null", "method.max_steps={steps}", "method.data_fraction=1.0",
+                 "method.min_samples_per_task=null", "method.max_samples_per_task={images}", *_SELECT)
+_SAM_MATCHED = ("method.num_batches_per_task=null", "method.epochs=null", "method.max_steps={steps}",
+                "method.data_fraction=1.0", "method.min_samples_per_task=null",
+                "method.max_samples_per_task={images}", *_SELECT)
+# rows with StatsMerging-R's recipe: the same probes, then the main run
+_PROBING_MATCHED = ("method.max_steps={train_steps}", "method.start_probe_steps={probe_steps}",
+                    "method.data_fraction=1.0", "method.max_samples_per_task={images}", *_SELECT)
+_ADAMERGING_MATCHED = ("method.max_steps={steps}",)  # all train images; the host keeps its last state
+PAPER_STATS = "paper defaults (StatsMerging)"
+PAPER_SAM = "paper defaults (SAMerging)"
+R_SETTINGS = "tuned on labelled validation of seed-0 builds (issue 19); two starts added after text test figures"
+# StatsMerging-R without its learner / without its residual: the ablation rows at its budget
+R_FREE = ("method.learner_frozen=true", "method.name='Free coefficients (StatsMerging-R recipe)'")
+R_LEARNER = ("method.residual=false", "method.name='Learner alone (StatsMerging-R recipe)'")
+# task arithmetic whose λ a grid scored by the experts' agreement on unlabeled validation images picks
+TA_AGREEMENT = ("method.init_coefficient=auto", "method.learner_frozen=true", "method.residual=false",
+                "method.max_epochs=null", "method.max_steps=0", "method.name='Task Arithmetic (λ label-free)'",
+                "method.select_by=validation_agreement")
+
+
 # --------------------------------------------------------------------------- registry
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
@@ -61,6 +88,13 @@ class MethodSpec:
     optional: bool = False  # in the default list only when its config file exists
     make_dirs: Tuple[str, ...] = ()  # created before the run (the host does not create them)
     not_applicable: Optional[str] = None  # why this family cannot run it: listed with the reason, not run
+    # the budget: what a row spends when its run writes no report of its own (host methods), the
+    # overrides that give a trained row a common budget (``--budget``; placeholders of budget.Budget),
+    # whether it probes starts, and how its settings were chosen
+    budget: Mapping[str, Any] = dataclasses.field(default_factory=lambda: dict(DATA_FREE))
+    matched: Tuple[str, ...] = ()
+    probes: bool = False
+    settings: str = "host defaults"
 
 
 EXPERTS_TARGET = "fusion_bench_statsmerging.compare.ExpertsOnOwnTasks"
@@ -77,11 +111,13 @@ def _adamerging(key: str, label: str, name: str, train_split: bool = False) -> M
     if train_split:
         return MethodSpec(key, label, ("method=adamerging_train", f"method.name={name}",
                                        f"method.cache_dir={_ADAMERGING_CACHE}"),
-                          TRAIN_UNLABELED, fast_overrides=_ADAMERGING_FAST, make_dirs=(_ADAMERGING_CACHE,),
-                          protocol_key="method.protocol", default_protocol_value="train_unlabeled")
+                              TRAIN_UNLABELED, fast_overrides=_ADAMERGING_FAST, make_dirs=(_ADAMERGING_CACHE,),
+                          protocol_key="method.protocol", default_protocol_value="train_unlabeled",
+                          budget=HOST_ADAMERGING, matched=_ADAMERGING_MATCHED)
     return MethodSpec(key, label, ("method=adamerging/clip", f"method.name={name}",
                                    f"method.cache_dir={_ADAMERGING_CACHE}"),
-                      TEST_TIME, fast_overrides=_ADAMERGING_FAST, make_dirs=(_ADAMERGING_CACHE,))
+                      TEST_TIME, fast_overrides=_ADAMERGING_FAST, make_dirs=(_ADAMERGING_CACHE,),
+                      budget=HOST_ADAMERGING, matched=_ADAMERGING_MATCHED)
 
 
 _OURS_FAST = ("method.max_steps={fast_steps}",)
@@ -89,28 +125,44 @@ _WUDI_FAST = ("method.iter_num={fast_steps}",)  # WUDI's Adam steps per matrix (
 _TTA = "method.protocol=test_time_adaptation"
 
 
-def _ours_selected(key: str, label: str, config: str) -> MethodSpec:
-    """Our configuration with label-free selection: it also reads unlabeled validation images."""
-    return dataclasses.replace(_ours(key, label, config), protocol=TRAIN_UNLABELED_SELECTED, protocol_key=None)
+def _ours_selected(key: str, label: str, config: str, *extra: str, settings: str = R_SETTINGS) -> MethodSpec:
+    """A row with StatsMerging-R's recipe (label-free selection on unlabeled validation images, and
+    its start probes)."""
+    return dataclasses.replace(_ours(key, label, config, False, *extra), protocol=TRAIN_UNLABELED_SELECTED,
+                               protocol_key=None, matched=_PROBING_MATCHED, probes=True, settings=settings)
 
 
 def _ours(key: str, label: str, config: str, optional: bool = False, *extra: str) -> MethodSpec:
+    sam = config.startswith("samerging")
     return MethodSpec(key, label, (f"method={config}", *extra), TRAIN_UNLABELED, fast_overrides=_OURS_FAST,
                       protocol_key="method.protocol", default_protocol_value="train_unlabeled",
-                      optional=optional)
+                      optional=optional, matched=_SAM_MATCHED if sam else _OURS_MATCHED, budget={},
+                      settings=PAPER_SAM if sam else PAPER_STATS)
+
+
+def _ta_agreement(config: str) -> MethodSpec:
+    """Task arithmetic with λ chosen label-free (a grid of 0.1-0.9 scored by agreement with the
+    experts on unlabeled validation images): the data-free rows' fair counterpart."""
+    return MethodSpec("task_arithmetic_agreement", "Task Arithmetic (λ label-free)",
+                      (f"method={config}", *TA_AGREEMENT), VALIDATION_UNLABELED, budget={},
+                      matched=("method.select_samples={select_samples}",),
+                      settings="λ from the grid 0.1-0.9 by label-free agreement (no label read)")
 
 
 REGISTRY: Dict[str, MethodSpec] = {s.key: s for s in [
-    MethodSpec("pretrained", "Pretrained (zero-shot)", ("method=dummy",), NO_DATA),
+    MethodSpec("pretrained", "Pretrained (zero-shot)", ("method=dummy",), NO_DATA, settings="reference"),
     MethodSpec("individual", "Individual experts", ("method=dummy", f"method._target_={EXPERTS_TARGET}"),
-               REFERENCE, kind="experts"),
+               REFERENCE, kind="experts", settings="reference"),
     MethodSpec("simple_average", "Simple Average", ("method=simple_average",), NO_DATA),
     MethodSpec("task_arithmetic", "Task Arithmetic (λ=0.3)",
-               ("method=task_arithmetic", "method.scaling_factor=0.3"), NO_DATA),
-    MethodSpec("ties_merging", "TIES-Merging (λ=0.3)", ("method=ties_merging",), NO_DATA),
+               ("method=task_arithmetic", "method.scaling_factor=0.3"), NO_DATA, settings="λ=0.3, not tuned"),
+    _ta_agreement("statsmerging"),
+    MethodSpec("ties_merging", "TIES-Merging (λ=0.3)", ("method=ties_merging",), NO_DATA,
+               settings="host defaults (λ=0.3), not tuned"),
     MethodSpec("fisher_merging", "Fisher Merging", ("method=fisher_merging/clip_fisher_merging",),
-               TRAIN_UNLABELED),
-    MethodSpec("regmean", "RegMean", ("method=regmean/clip_regmean",), TRAIN_UNLABELED),
+               TRAIN_UNLABELED, budget={**DATA_FREE, "images_per_task": "host default", "selection": "none"}),
+    MethodSpec("regmean", "RegMean", ("method=regmean/clip_regmean",), TRAIN_UNLABELED,
+               budget={**DATA_FREE, "images_per_task": "host default", "selection": "none"}),
     _adamerging("adamerging_task", "AdaMerging (task-wise, test images)", "clip_task_wise_adamerging"),
     _adamerging("adamerging_layer", "AdaMerging (layer-wise, test images)", "clip_layer_wise_adamerging"),
     _adamerging("adamerging_task_train", "AdaMerging (task-wise, train images)", "clip_task_wise_adamerging",
@@ -130,13 +182,19 @@ REGISTRY: Dict[str, MethodSpec] = {s.key: s for s in [
     _ours("statsmerging_sam", "StatsMerging + SAM", "statsmerging_sam", optional=True),
     _ours_selected("statsmerging_residual", "StatsMerging-R (ours: statistics prior + residual)",
                    "statsmerging_residual"),
+    _ours_selected("samerging_matched", "Free coefficients at StatsMerging-R's budget", "statsmerging_residual",
+                   *R_FREE, settings="StatsMerging-R's recipe with its learner frozen at the start"),
+    _ours_selected("statsmerging_learner_matched", "Learner alone at StatsMerging-R's budget",
+                   "statsmerging_residual", *R_LEARNER,
+                   settings="StatsMerging-R's recipe without its residual"),
     # The strongest data-free host baselines and RegMean++ (layer inputs of label-free train images,
     # ``images, _ = batch``: the labels are dropped), natively: CLIP's weights are all matrices.
     MethodSpec("wudi", "WUDI", ("method=wudi/wudi",), NO_DATA, fast_overrides=_WUDI_FAST),
     MethodSpec("iso_c", "Iso-C", ("method=isotropic_merging/iso_c",), NO_DATA),
     MethodSpec("iso_cts", "Iso-CTS", ("method=isotropic_merging/iso_cts",), NO_DATA),
     MethodSpec("tsv_m", "TSV-M", ("method=task_singular_vector/TaskSingularVectorMerging",), NO_DATA),
-    MethodSpec("regmean_plusplus", "RegMean++", ("method=regmean_plusplus_clip",), TRAIN_UNLABELED),
+    MethodSpec("regmean_plusplus", "RegMean++", ("method=regmean_plusplus_clip",), TRAIN_UNLABELED,
+               budget={**DATA_FREE, "images_per_task": "host default", "selection": "none"}),
 ]}
 
 # Data-driven methods run under both protocols: AdaMerging on test images (the host's
@@ -146,9 +204,14 @@ DEFAULT_METHODS = [
     "regmean", "adamerging_task", "adamerging_layer", "adamerging_task_train", "adamerging_layer_train",
     "statsmerging_task", "statsmerging_layer", "statsmerging_plusplus", "statsmerging_task_tta",
     "statsmerging_layer_tta", "statsmerging_plusplus_tta", "samerging", "statsmerging_sam",
-    "statsmerging_residual",
+    "statsmerging_residual", "samerging_matched", "statsmerging_learner_matched", "task_arithmetic_agreement",
     "wudi", "iso_c", "iso_cts", "tsv_m", "regmean_plusplus",
 ]
+# The evidence rows: the recommended configuration, its two ablations at its budget, SAMerging at its
+# own, and the data-free peers (task arithmetic twice: λ = 0.3 and λ chosen label-free)
+EVIDENCE_METHODS = ["pretrained", "individual", "task_arithmetic", "task_arithmetic_agreement", "ties_merging",
+                    "tsv_m", "samerging", "statsmerging_residual", "samerging_matched",
+                    "statsmerging_learner_matched"]
 
 
 # Per-task-head pools (``modelpool=heads_suite``: CNNs with BatchNorm, BERT-style encoders):
@@ -160,16 +223,18 @@ def _heads_adamerging(key: str, label: str, name: str, train_split: bool) -> Met
     if train_split:
         return MethodSpec(key, label, ("method=adamerging_heads", f"method.name={name}"), TRAIN_UNLABELED,
                           fast_overrides=_ADAMERGING_FAST, protocol_key="method.protocol",
-                          default_protocol_value="train_unlabeled")
+                          default_protocol_value="train_unlabeled", budget=HOST_ADAMERGING,
+                          matched=_ADAMERGING_MATCHED)
     return MethodSpec(key, label, ("method=adamerging_heads", f"method.name={name}",
                                    "method.protocol=test_time_adaptation"), TEST_TIME,
-                      fast_overrides=_ADAMERGING_FAST)
+                      fast_overrides=_ADAMERGING_FAST, budget=HOST_ADAMERGING, matched=_ADAMERGING_MATCHED)
 
 
 _TASK_WISE = "method.mode=task_wise"
 HEADS_REGISTRY: Dict[str, MethodSpec] = {s.key: s for s in [
     dataclasses.replace(REGISTRY["pretrained"], label="Pretrained backbone + expert heads"),
     REGISTRY["individual"], REGISTRY["simple_average"], REGISTRY["task_arithmetic"], REGISTRY["ties_merging"],
+    _ta_agreement("statsmerging_heads"),
     _heads_adamerging("adamerging_task", "AdaMerging (task-wise, test inputs)", "task_wise", False),
     _heads_adamerging("adamerging_layer", "AdaMerging (layer-wise, test inputs)", "layer_wise", False),
     _heads_adamerging("adamerging_task_train", "AdaMerging (task-wise, train inputs)", "task_wise", True),
@@ -186,6 +251,11 @@ HEADS_REGISTRY: Dict[str, MethodSpec] = {s.key: s for s in [
           "method.sam_rho=0.05"),
     _ours_selected("statsmerging_residual", "StatsMerging-R (ours: statistics prior + residual)",
                    "statsmerging_residual_heads"),
+    _ours_selected("samerging_matched", "Free coefficients at StatsMerging-R's budget",
+                   "statsmerging_residual_heads", *R_FREE,
+                   settings="StatsMerging-R's recipe with its learner frozen at the start"),
+    _ours_selected("statsmerging_learner_matched", "Learner alone at StatsMerging-R's budget",
+                   "statsmerging_residual_heads", *R_LEARNER, settings="StatsMerging-R's recipe without its residual"),
     # The host's WUDI / Iso / TSV-M transform 2-D weights only and average the rest: on a CNN that is
     # simple averaging. Their functional cores run here with convolutions seen as matrices
     # (method/conv_as_matrix.py; on BERT-style encoders identical to the host's methods).

@@ -25,6 +25,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from .budget import Budget, budget_note, matched_overrides, row_budget
 from .report import collect_report, error_tail
 from .rows import CUSTOM, OUR_PROTOCOLS, SUITE_BUILDERS, MethodSpec
 
@@ -96,6 +97,7 @@ class Context:
     fast: bool
     fast_steps: int
     jobs: int = 1  # runs at a time
+    budget: Optional[Budget] = None  # a common budget for every trained row (--budget), else each row's own
 
     @property
     def cache_dir(self) -> Path:
@@ -139,6 +141,8 @@ def build_overrides(spec: MethodSpec, ctx: Context) -> List[str]:
     values = placeholder_values(spec, ctx)
     overrides = [f"modelpool={ctx.modelpool}", f"taskpool={ctx.taskpool}"]
     overrides += [_fill(o, values) for o in spec.overrides]
+    if ctx.budget is not None and spec.matched:
+        overrides += matched_overrides(spec.matched, spec.probes, ctx.budget)
     if ctx.fast:
         overrides += [_fill(o, values) for o in spec.fast_overrides]
     overrides += [_fill(o, values) for o in ctx.extra_overrides]
@@ -219,7 +223,8 @@ def launch(spec: MethodSpec, ctx: Context) -> Dict[str, Any]:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ctx.jobs)))
     row: Dict[str, Any] = {"key": spec.key, "label": spec.label, "kind": spec.kind,
                            "protocol": row_protocol(spec, overrides), "overrides": overrides,
-                           "command": command_line(overrides, ctx.env), "run_dir": str(run_dir)}
+                           "command": command_line(overrides, ctx.env), "run_dir": str(run_dir),
+                           "settings": row_settings(spec, ctx)}
     start = time.perf_counter()
     # cwd = run dir: the host writes relative files (AdaMerging's merging_weights.pt, ./outputs).
     with open(run_dir / "stdout.log", "w") as out, open(run_dir / "stderr.log", "w") as err:
@@ -243,7 +248,13 @@ def launch(spec: MethodSpec, ctx: Context) -> Dict[str, Any]:
                    error_tail=error_tail(stderr))
         return row
     row.update(collect_report(spec, run_dir, code, stderr))
+    row["budget"] = row_budget(spec.budget, run_dir, overrides)
     return row
+
+
+def row_settings(spec: MethodSpec, ctx: Context) -> str:
+    """How a row's settings were chosen, and whether a common budget replaced its own."""
+    return spec.settings + budget_note(ctx.budget, bool(spec.matched))
 
 
 def _read_stats(path: Path, wait_rss: Optional[float]) -> Dict[str, Any]:
@@ -312,6 +323,7 @@ def skipped_row(spec: MethodSpec, ctx: Context) -> Dict[str, Any]:
                      ("skipped", f"config 'method/{name}' not found (optional method; not run)"))
     return {"key": spec.key, "label": spec.label, "kind": spec.kind, "status": status,
             "protocol": row_protocol(spec, overrides), "overrides": overrides,
+            "settings": row_settings(spec, ctx), "budget": dict(spec.budget),
             "command": command_line(overrides, ctx.env), "error": error,
             "accuracies": {}, "average": None, "wall_time_s": None, "peak_rss_mib": None,
             "peak_cuda_mib": None}

@@ -8,15 +8,17 @@ function of the seed, so a resume replays it to the same position. A resumed run
 with the coefficients an uninterrupted run would have (``tests/test_checkpoint.py`` compares them).
 
 A signal only sets a flag; the training loop saves at the next step boundary (a consistent
-state, never half an optimizer step) and then stops: SIGINT as ``KeyboardInterrupt``, SIGTERM as
-exit status 143. A second signal stops at once. A finished run removes its checkpoint, so no
-stale file lies beside new results.
+state, never half an optimizer step) and then stops with the signal's exit status (130 for SIGINT,
+143 for SIGTERM) and, as the last line of a CLI run, where the checkpoint is and the override that
+resumes it (:class:`Interrupted`). A second signal stops at once. A finished run removes its
+checkpoint, so no stale file lies beside new results.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import shlex
 import signal
 import threading
 from pathlib import Path
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 from ..utils import artifacts
-from ..utils.errors import UserError
+from ..utils.errors import ReportedExit, UserError
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,24 @@ def resolve_resume(resume: Union[bool, str, None], out_dir: str) -> Optional[Pat
     return path
 
 
+class Interrupted(ReportedExit):
+    """The run stopped on a signal after saving its checkpoint: exit status 128 + signal, no traceback,
+    and one last line with the file and the override that goes on from it."""
+
+    def __init__(self, signum: int, checkpoint: Optional[Path]):
+        super().__init__(128 + int(signum), resume_hint(signum, checkpoint), "interrupted")
+
+
+def resume_hint(signum: int, checkpoint: Optional[Path]) -> str:
+    """Where the interrupted run's state is and the exact override that continues it."""
+    name = signal.Signals(signum).name
+    if checkpoint is None:
+        return f"{name}: stopped without a checkpoint (method.checkpoint_every saves none here)."
+    override = shlex.quote(f"method.resume={Path(checkpoint).resolve()}")
+    return (f"{name}: the checkpoint is '{Path(checkpoint).resolve()}'; to go on, rerun the same command with "
+            f"{override}")
+
+
 class StopFlag:
     """SIGINT/SIGTERM set a flag the training loop reads between steps (main thread only; elsewhere
     signals keep their handlers). A second signal restores the old handler and stops at once."""
@@ -103,11 +123,9 @@ class StopFlag:
             signal.signal(sig, handler)
         self._previous = {}
 
-    def stop(self) -> None:
-        """End the run the way the signal would have."""
-        if self.signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        raise SystemExit(128 + int(self.signum))
+    def stop(self, checkpoint: Optional[Path] = None) -> None:
+        """End the run with the signal's exit status, saying how to resume from ``checkpoint``."""
+        raise Interrupted(self.signum, checkpoint)
 
 
 class Checkpointer:
@@ -149,7 +167,7 @@ class Checkpointer:
         if self.saves_after(steps_done, total, stop):
             self.save(steps_done, *state)
         if stop is not None and stop.signum is not None:
-            stop.stop()
+            stop.stop(self.path)
 
     # ------------------------------------------------------------------ resume
     def resume(self, *state) -> int:

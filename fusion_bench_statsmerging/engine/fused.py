@@ -400,9 +400,11 @@ class FusedLayerWiseEngine(nn.Module):
         return self.model
 
     # ---------------------------------------------------------------- statistics
-    def layer_wise_statistics(self, features: Sequence[str], rank: int) -> Tensor:
-        """Batched :func:`~.stats.layer_wise_statistics` (looked up by ``pool_statistics``)."""
-        return grouped_task_vector_stats(self, features, rank)
+    def layer_wise_statistics(self, features: Sequence[str], rank: int, info: Optional[Dict[str, int]] = None) -> Tensor:
+        """Batched :func:`~.stats.layer_wise_statistics` (looked up by ``pool_statistics``); ``info``
+        receives the eigenvalue solver's counts (:func:`~.fused_stats.grouped_task_vector_stats`)."""
+        groups = [(group.shapes, group.positions, tv, base) for group, base, tv, _ in self.group_buffers()]
+        return grouped_task_vector_stats(groups, len(self.param_names), features, rank, info)
 
 
 def enable_activation_checkpointing(engine: FusedLayerWiseEngine, fraction: float = 1.0) -> int:

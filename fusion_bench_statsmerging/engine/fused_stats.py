@@ -1,23 +1,26 @@
-"""Task-vector statistics straight from a fused engine's group buffers, batched per group.
+"""Task-vector statistics straight from grouped task-vector buffers (a fused engine's), batched per group.
 
 :func:`grouped_task_vector_stats` computes the same (K, L, F) tensor as
-:func:`~.stats.layer_wise_statistics` on the engine's device, without materialising one task
-vector at a time; singular values come from the Gram matrices (:mod:`.spectra`).
+:func:`~.stats.layer_wise_statistics` on the buffers' device, without materialising one task
+vector at a time; singular values come from the Gram matrices (:mod:`.spectra`). It reads plain
+buffers, not the engine: the engine (:mod:`.fused`) calls it, never the reverse.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .spectra import GRAM_BATCH_BYTES, top_gram_eigenvalues
-from .stats import num_features, validate_features
+from .interference import INTERFERENCE_FEATURES, group_interference
+from .stats import SCALAR_FEATURES, num_features, validate_features
 
-if TYPE_CHECKING:  # the engine imports this module
-    from .fused import FusedLayerWiseEngine
+# one group of same-sized tensors: each member's shape, its column in the (K, L) statistics, the task
+# vectors (n, K, numel) of the n members and their pretrained weights (n, numel)
+GroupBuffer = Tuple[Sequence[torch.Size], Sequence[int], Tensor, Tensor]
 
 
 def _matrix_dims(shape: torch.Size) -> Tuple[int, int]:
@@ -36,7 +39,7 @@ def _gram(tv_rows: Tensor, dims: Tuple[int, int]) -> Tensor:
 
 def _scalar_features(tv: Tensor, features: Sequence[str], chunk: int) -> Dict[str, Tensor]:
     """mean / variance / norm of each (tensor, expert) row in float32: (n, K) each."""
-    out: Dict[str, List[Tensor]] = {f: [] for f in features if f != "singular_values"}
+    out: Dict[str, List[Tensor]] = {f: [] for f in features if f in SCALAR_FEATURES}
     for start in range(0, tv.shape[0], chunk):
         x = tv[start:start + chunk].to(torch.float32)
         for f in out:
@@ -50,32 +53,40 @@ def _scalar_features(tv: Tensor, features: Sequence[str], chunk: int) -> Dict[st
 
 
 @torch.no_grad()
-def grouped_task_vector_stats(engine: FusedLayerWiseEngine, features: Sequence[str], rank: int,
+def grouped_task_vector_stats(groups: Iterable[GroupBuffer], num_layers: int, features: Sequence[str], rank: int,
                               info: Optional[Dict[str, int]] = None) -> Tensor:
-    """The (K, L, F) tensor of :func:`~.stats.layer_wise_statistics`, batched per group on the engine's device.
+    """The (K, L, F) tensor of :func:`~.stats.layer_wise_statistics` of the ``num_layers`` tensors in
+    ``groups``, batched per group on the buffers' device.
 
-    Scalar features are row reductions of each group buffer. Singular values come from Gram
+    Scalar features are row reductions of each group buffer; the interference features come from
+    :func:`~.interference.group_interference` (the per-tensor path's code). Singular values come from Gram
     matrices batched by size across groups (fc1 (3072, 768) and fc2 (768, 3072) share the
     768 x 768 Gram), solved by :func:`top_gram_eigenvalues` (``info`` receives its counts).
     """
     features = validate_features(features)
-    device = engine.device
-    k_models, n_layers = engine.num_models, len(engine.param_names)
-    out = torch.zeros(k_models, n_layers, num_features(features, rank), dtype=torch.float32, device=device)
+    groups = list(groups)
+    device = groups[0][2].device if groups else torch.device("cpu")
+    k_models = groups[0][2].shape[1] if groups else 0
+    out = torch.zeros(k_models, num_layers, num_features(features, rank), dtype=torch.float32, device=device)
     columns: Dict[str, int] = {}
     col = 0
     for f in features:
         columns[f] = col
         col += rank if f == "singular_values" else 1
 
+    interference = [columns[f] for f in features if f in INTERFERENCE_FEATURES]
     # (gram size) -> list of (coefficient column, task-vector rows (K, s), matrix dims)
     spectra: Dict[int, List[Tuple[int, Tensor, Tuple[int, int]]]] = {}
-    for group, _, tv, pos in engine.group_buffers():
-        chunk = max(1, (256 << 20) // max(1, group.numel * k_models * 4))
+    for shapes, positions, tv, base in groups:
+        chunk = max(1, (256 << 20) // max(1, tv.shape[-1] * k_models * 4))
+        pos = torch.as_tensor(list(positions), dtype=torch.long, device=device)
         for f, values in _scalar_features(tv, features, chunk).items():
             out[:, pos, columns[f]] = values.t()
+        if interference:  # (n, K, F') -> (K, n, F') at the group's columns
+            out[:, pos[:, None], torch.tensor(interference, device=device)] = \
+                group_interference(tv, base, shapes, features, rank).transpose(0, 1)
         if "singular_values" in features:
-            for j, (shape, p) in enumerate(zip(group.shapes, group.positions)):
+            for j, (shape, p) in enumerate(zip(shapes, positions)):
                 dims = _matrix_dims(shape)
                 spectra.setdefault(min(dims), []).append((p, tv[j], dims))
 

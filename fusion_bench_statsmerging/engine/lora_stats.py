@@ -22,7 +22,7 @@ from typing import List, Sequence
 import torch
 from torch import Tensor
 
-from .stats import validate_features
+from .stats import DEFAULT_FEATURES, validate_features
 
 
 def lora_delta(lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
@@ -63,6 +63,10 @@ def lora_factor_statistics(
     ``tensor_statistics(lora_delta(...), features, rank)`` without forming dW."""
     _check_factors(lora_a, lora_b)
     features = validate_features(features)
+    pooled = [f for f in features if f not in DEFAULT_FEATURES]
+    if pooled:
+        raise ValueError(f"{pooled} compare experts or need the pretrained weights; one adapter's factors "
+                         f"give only {list(DEFAULT_FEATURES)}.")
     count = lora_b.shape[0] * lora_a.shape[1]
     total, square = lora_sum_and_square_sum(lora_a, lora_b, scaling)
     mean = total / count

@@ -5,6 +5,8 @@ Every engine offers the same small interface, so the algorithms never care which
 - ``param_names``: the merged tensors, in order (the "layers" l; one per trainable tensor);
 - ``num_models``: K;
 - ``task_vector(k)``: a name -> tensor mapping of expert k's task vector (for statistics);
+- ``pretrained_tensors()``: name -> pretrained tensor of the merged tensors (for statistics
+  relative to the pretrained weights);
 - ``set_coefficients(coefficients)``: merge at a (K, L) coefficient tensor, keeping the graph
   so a loss on the model's output back-propagates into whatever produced the coefficients;
 - ``forward(*args, **kwargs)``: run the model with the currently merged weights;
@@ -88,6 +90,12 @@ class HostLayerWiseEngine(nn.Module):
     def task_vector(self, k: int) -> Dict[str, Tensor]:
         return dict(self.wrapper.task_vectors[k].named_parameters())
 
+    def pretrained_tensors(self) -> Dict[str, Tensor]:
+        """The pretrained weights of the merged tensors (statistics such as ``relative_norm``
+        need them); valid until :meth:`merge_and_unload` loads the merge into that module."""
+        model = self.wrapper.pretrained_model
+        return {name: model.get_parameter(name).detach() for name in self.param_names}
+
     def set_coefficients(self, coefficients: Tensor) -> None:
         self.wrapper.merge_weight = coefficients
         self.wrapper.merge_weights()
@@ -99,3 +107,4 @@ class HostLayerWiseEngine(nn.Module):
     def merge_and_unload(self, coefficients: Tensor) -> nn.Module:
         self.set_coefficients(coefficients.detach())
         return self.wrapper.merge_and_unload()
+

@@ -13,6 +13,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Dict, Mapping, Optional
 
+from ..utils.errors import UserError
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -29,16 +31,17 @@ class Schedule:
 
 def check_schedule(max_steps: Optional[int], max_epochs: Optional[float], lr_step_size: Optional[int],
                    lr_step_epochs: Optional[float]) -> None:
-    """Refuse a schedule that cannot be resolved, before any model is loaded."""
+    """Refuse a schedule that cannot be resolved, before any model is loaded (a :class:`UserError`: the
+    message ends a failed CLI run's output)."""
     if max_steps is None and max_epochs is None:
-        raise ValueError("Set max_epochs (passes over each task's fit set) or max_steps (an explicit override).")
+        raise UserError("Set max_epochs (passes over each task's fit set) or max_steps (an explicit override).")
     if max_steps is not None and int(max_steps) < 0:
-        raise ValueError(f"max_steps must be >= 0 (0: no training), got {max_steps}.")
+        raise UserError(f"max_steps must be >= 0 (0: no training), got {max_steps}.")
     if max_epochs is not None and float(max_epochs) < 0:
-        raise ValueError(f"max_epochs must be >= 0 (0: no training), got {max_epochs}.")
+        raise UserError(f"max_epochs must be >= 0 (0: no training), got {max_epochs}.")
     for key, value in (("lr_step_size", lr_step_size), ("lr_step_epochs", lr_step_epochs)):
         if value is not None and float(value) <= 0:
-            raise ValueError(f"{key} must be positive (or null: no StepLR), got {value}.")
+            raise UserError(f"{key} must be positive (or null: no StepLR), got {value}.")
 
 
 def steps_per_epoch(fit_sizes: Mapping[str, int], batch_size: int) -> int:

@@ -15,7 +15,6 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-
 EXACT_MAX_DIM = 128  # Gram matrices up to this size: exact eigenvalues are cheap anyway
 KRYLOV_MAX_DIM = 160  # largest Krylov subspace before falling back to the exact eigenvalues
 KRYLOV_TOL = 1e-8  # estimated eigenvalue error, relative (sigma: half of it)

@@ -7,6 +7,11 @@ singular value is its norm; missing values are padded with zeros). Task-wise sta
 treat the whole task vector as one tensor (its singular values are those of the
 per-tensor stack, see :func:`task_wise_statistics`).
 
+Optional features (off by default, see :mod:`.interference`) relate an expert to the *other*
+experts' task vectors of the same tensor (``cosine``, ``subspace_overlap``) or to the
+pretrained weights (``relative_norm``), so a row is no longer a function of one task vector
+alone: :func:`layer_wise_statistics` computes each tensor for all K experts at once.
+
 Raw statistics span many orders of magnitude (a LayerNorm bias vs a 3072x768 MLP matrix), so
 :class:`FeatureNormalizer` maps each feature through ``asinh(x / scale)`` (a signed log that
 keeps the sign of the mean) and then z-scores it. Its state is saved with the learner so a
@@ -16,12 +21,19 @@ trained learner can be applied to a new pool with the same transform.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-FEATURES = ("mean", "variance", "norm", "singular_values")
+from .interference import (
+    INTERFERENCE_FEATURES, check_pretrained, flat_interference, task_vector_gram, tensor_interference,
+)
+
+SCALAR_FEATURES = ("mean", "variance", "norm")
+# Features of one task vector alone; the default, and what every earlier run and saved learner used.
+DEFAULT_FEATURES = SCALAR_FEATURES + ("singular_values",)
+FEATURES = DEFAULT_FEATURES + INTERFERENCE_FEATURES
 
 
 def validate_features(features: Sequence[str]) -> List[str]:
@@ -65,53 +77,107 @@ def top_singular_values(matrix: Tensor, rank: int) -> Tensor:
     return values.to(torch.float32)
 
 
+def _expert_feature(t: Tensor, feature: str, rank: int) -> Tensor:
+    """One feature of one task-vector tensor (float32): 1 column, ``rank`` for singular values."""
+    if feature == "mean":
+        return t.mean().reshape(1)
+    if feature == "variance":
+        return t.var(unbiased=False).reshape(1)
+    if feature == "norm":
+        return t.norm().reshape(1)
+    if feature == "singular_values":
+        return top_singular_values(as_matrix(t), rank)
+    raise ValueError(f"'{feature}' is not a statistic of one task vector alone (it compares experts or needs the "
+                     "pretrained weights): compute it with layer_wise_statistics or task_wise_statistics.")
+
+
 def tensor_statistics(tensor: Tensor, features: Sequence[str], rank: int) -> Tensor:
-    """Statistics vector of one task-vector tensor in the order of ``features``."""
+    """Statistics vector of one task-vector tensor in the order of ``features`` (per-expert features only)."""
     t = tensor.detach().to(torch.float32)
-    parts: List[Tensor] = []
+    return torch.cat([_expert_feature(t, f, rank) for f in features])
+
+
+def _in_order(columns: Mapping[str, Tensor], features: Sequence[str]) -> Tensor:
+    """(K, F) from each feature's (K, width) or (K,) columns, in the order of ``features``."""
+    return torch.cat([columns[f].reshape(columns[f].shape[0], -1) for f in features], dim=1)
+
+
+def parameter_statistics(task_vectors: Sequence[Tensor], features: Sequence[str], rank: int,
+                         pretrained: Optional[Tensor] = None) -> Tensor:
+    """Statistics of one parameter tensor for all K experts: (K, F).
+
+    All experts at once because the interference features compare them; ``pretrained`` (that
+    tensor's pretrained weights) is needed by ``relative_norm`` only.
+    """
+    columns: Dict[str, Tensor] = dict(tensor_interference(task_vectors, features, rank, pretrained))
     for f in features:
-        if f == "mean":
-            parts.append(t.mean().reshape(1))
-        elif f == "variance":
-            parts.append(t.var(unbiased=False).reshape(1))
-        elif f == "norm":
-            parts.append(t.norm().reshape(1))
-        else:
-            parts.append(top_singular_values(as_matrix(t), rank))
-    return torch.cat(parts)
+        if f not in columns:
+            columns[f] = torch.stack([_expert_feature(t.detach().to(torch.float32), f, rank) for t in task_vectors])
+    return _in_order(columns, features)
 
 
 def layer_wise_statistics(
-    task_vectors: Sequence[Mapping[str, Tensor]], features: Sequence[str], rank: int
+    task_vectors: Sequence[Mapping[str, Tensor]], features: Sequence[str], rank: int,
+    pretrained: Optional[Mapping[str, Tensor]] = None,
 ) -> Tensor:
-    """Statistics of every (expert, tensor) pair: shape (K, L, F), tensors in mapping order."""
-    rows = []
-    for tv in task_vectors:
-        rows.append(torch.stack([tensor_statistics(t, features, rank) for t in tv.values()]))
-    return torch.stack(rows)
+    """Statistics of every (expert, tensor) pair: shape (K, L, F), tensors in mapping order.
+
+    ``pretrained`` (name -> pretrained tensor) is needed by ``relative_norm`` only.
+    """
+    features = validate_features(features)
+    check_pretrained(features, pretrained is not None)
+    layers = [
+        parameter_statistics([tv[name] for tv in task_vectors], features, rank,
+                             None if pretrained is None else pretrained[name])
+        for name in task_vectors[0]
+    ]
+    return torch.stack(layers, dim=1)
+
+
+def _whole_interference(task_vectors: Sequence[Mapping[str, Tensor]], features: Sequence[str],
+                        pretrained: Optional[Mapping[str, Tensor]]) -> Dict[str, Tensor]:
+    """Interference features of whole flattened task vectors, from the sum of the tensors' Gram
+    matrices (one tensor at a time, so no K whole-model copies are held)."""
+    if not any(f in INTERFERENCE_FEATURES for f in features):
+        return {}
+    check_pretrained(features, pretrained is not None)
+    names = list(task_vectors[0])
+    gram = sum(task_vector_gram(torch.stack([tv[n].detach() for tv in task_vectors])) for n in names)
+    base_sq = None if pretrained is None else sum(pretrained[n].detach().to(torch.float64).pow(2).sum() for n in names)
+    return flat_interference(gram, base_sq, features)
+
+
+def _whole_expert_columns(tv: Mapping[str, Tensor], features: Sequence[str], rank: int) -> Dict[str, Tensor]:
+    """Per-expert features of one whole task vector (flattened once): name -> (width,)."""
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tv.values()])
+    out: Dict[str, Tensor] = {}
+    for f in features:
+        if f == "singular_values":
+            per_tensor = torch.cat([top_singular_values(as_matrix(t), rank) for t in tv.values()])
+            out[f] = per_tensor.sort(descending=True).values[:rank]
+        else:
+            out[f] = _expert_feature(flat, f, rank)
+    return out
 
 
 def task_wise_statistics(
-    task_vectors: Sequence[Mapping[str, Tensor]], features: Sequence[str], rank: int
+    task_vectors: Sequence[Mapping[str, Tensor]], features: Sequence[str], rank: int,
+    pretrained: Optional[Mapping[str, Tensor]] = None,
 ) -> Tensor:
     """Statistics of each whole task vector: shape (K, F).
 
     Mean, variance and norm are over all entries. For the spectrum, a whole model is not one
     matrix; we use the largest per-tensor singular values across the model, which is what
-    dominates the model-level update.
+    dominates the model-level update. The interference features treat each whole task vector
+    as one flattened (1-D) tensor (see :mod:`.interference`).
     """
-    rows = []
-    for tv in task_vectors:
-        flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tv.values()])
-        parts: List[Tensor] = []
-        for f in features:
-            if f == "singular_values":
-                per_tensor = torch.cat([top_singular_values(as_matrix(t), rank) for t in tv.values()])
-                parts.append(per_tensor.sort(descending=True).values[:rank])
-            else:
-                parts.append(tensor_statistics(flat, [f], rank))
-        rows.append(torch.cat(parts))
-    return torch.stack(rows)
+    features = validate_features(features)
+    columns = _whole_interference(task_vectors, features, pretrained)
+    own = [f for f in features if f not in columns]
+    rows = [_whole_expert_columns(tv, own, rank) for tv in task_vectors]
+    for f in own:
+        columns[f] = torch.stack([row[f] for row in rows])
+    return _in_order(columns, features)
 
 
 @dataclass

@@ -36,8 +36,8 @@ from fusion_bench.method.adamerging.task_wise_adamerging import TaskWiseAdaMergi
 from fusion_bench.utils.data import InfiniteDataLoader
 
 from ..models.heads import _value_of, column_only_view, inputs_to
+from ..utils.errors import PoolError, UserError
 from .adamerging_protocol import NO_LABEL, SPLIT_LOADERS, as_adamerging_config
-from .base import PoolError, UserError
 from .heads import require_heads_pool
 
 log = logging.getLogger(__name__)

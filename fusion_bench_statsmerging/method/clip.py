@@ -17,7 +17,7 @@ from fusion_bench import auto_register_config
 from fusion_bench.mixins import CLIPClassificationMixin
 
 from ..engine.distillation import load_pixels, teacher_logits
-from ..engine.inputs import Inputs
+from ..utils.inputs import Inputs
 from .base import CoefficientDistillation
 
 TEACHER_BATCH = 64

@@ -39,16 +39,16 @@ from torch import Tensor, nn
 from fusion_bench import auto_register_config
 from fusion_bench.mixins import LightningFabricMixin
 
-from ..utils import artifacts
 from ..engine import distributed
-from ..utils.errors import PoolError, UserError
 from ..engine.batchnorm import (
-    BatchNormMerger, batch_statistics, batchnorm_with_stats, batchnorm_layers, mixed_batches,
-    reestimate_batchnorm, running_stats,
+    BatchNormMerger, batch_statistics, batchnorm_layers, batchnorm_with_stats, mixed_batches, reestimate_batchnorm,
+    running_stats,
 )
-from ..models.heads import PerTaskHeadsModel, concat_inputs, inputs_to, read_inputs
 from ..modelpool.heads import save_backbone, save_head
-from ..engine.inputs import Inputs, num_rows, take
+from ..models.heads import PerTaskHeadsModel, concat_inputs, inputs_to, read_inputs
+from ..utils import artifacts
+from ..utils.errors import PoolError, UserError
+from ..utils.inputs import Inputs, num_rows, take
 from .base import CoefficientDistillation
 
 log = logging.getLogger(__name__)
@@ -181,9 +181,9 @@ class HeadsCoefficientDistillation(LightningFabricMixin, CoefficientDistillation
         return contextlib.nullcontext()
 
     def prepare_fit_data(self, datasets, experts):
-        pixels, targets, info = super().prepare_fit_data(datasets, experts)
-        self._fit_pixels = pixels  # unlabeled inputs, reused to re-estimate BatchNorm statistics
-        return pixels, targets, info
+        fit = super().prepare_fit_data(datasets, experts)
+        self._fit_pixels = fit.inputs  # unlabeled inputs, reused to re-estimate BatchNorm statistics
+        return fit
 
     def write_artifacts(self, out_dir, coefficients, param_names, names, *args, **kwargs):
         coef = coefficients if coefficients.dim() == 2 else coefficients[:, None].expand(-1, len(param_names))

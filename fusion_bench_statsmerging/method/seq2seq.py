@@ -43,8 +43,9 @@ from torch import Tensor, nn
 from fusion_bench import auto_register_config
 from fusion_bench.mixins import LightningFabricMixin
 
-from ..engine.inputs import Inputs, num_rows
 from ..utils.errors import PoolError
+from ..utils.inputs import Inputs, num_rows
+from ..utils.splits import SPLITS
 from .base import CoefficientDistillation
 
 log = logging.getLogger(__name__)
@@ -193,8 +194,7 @@ class Seq2SeqPoolView:
         return self.load_model(name, *args, **kwargs)
 
     def _declared(self, split: str) -> List[str]:
-        attr = {"train": "train_dataset_names", "validation": "val_dataset_names", "test": "test_dataset_names"}[split]
-        return list(getattr(self._pool, attr) or [])
+        return SPLITS[split].names(self._pool)
 
     def _names(self, split: str) -> List[str]:
         declared = self._declared(split)
@@ -202,8 +202,7 @@ class Seq2SeqPoolView:
 
     def _load(self, split: str, name: str):
         if name in self._declared(split):
-            method = {"train": "load_train_dataset", "validation": "load_val_dataset", "test": "load_test_dataset"}
-            dataset = getattr(self._pool, method[split])(name)
+            dataset = SPLITS[split].load(self._pool, name)
         else:
             dataset = self._fallback(name, split)
         return TaskData(dataset, name)

@@ -22,7 +22,7 @@ from fusion_bench.taskpool import CLIPVisionModelTaskPool
 from fusion_bench.tasks.clip_classification import CLIPTemplateFactory
 
 from ..utils.errors import UserError
-from ..utils.preflight import check_loaded_model, check_splits
+from ..utils.preflight import check_loaded_model, check_model_files, check_splits
 
 
 class SuiteError(UserError):
@@ -75,8 +75,13 @@ def _dataset_configs(suite: Path, tasks: Sequence[str], split: str) -> Optional[
 
 
 def _select(all_tasks: List[str], tasks: Optional[Sequence[str]]) -> List[str]:
-    if not tasks:
+    """The chosen tasks (null: all of them); an empty or unknown choice names the valid tasks, since
+    merging every expert, or fewer, is not what the user asked for."""
+    if tasks is None:
         return all_tasks
+    if isinstance(tasks, str) or not len(tasks):
+        raise SuiteError(f"tasks={tasks if isinstance(tasks, str) else list(tasks)} selects no list of tasks; "
+                         f"give a list of some of {all_tasks}, or null for all.")
     unknown = [t for t in tasks if t not in all_tasks]
     if unknown:
         raise SuiteError(f"Tasks {unknown} are not in the suite; it has {all_tasks}.")
@@ -111,7 +116,10 @@ class CLIPSuiteModelPool(CLIPVisionModelPool):
 
     def load_model(self, model_name_or_config, *args, **kwargs):
         """The host's loader, made strict: a tensor missing from the checkpoint or a NaN weight is an
-        error naming model and tensor, for every method run on this pool (the host's too)."""
+        error naming model and tensor, for every method run on this pool (the host's too); a weight file
+        cut short, one naming model and file before anything reads it."""
+        if isinstance(model_name_or_config, str):
+            check_model_files(self, [model_name_or_config])
         model = super().load_model(model_name_or_config, *args, **kwargs)
         if isinstance(model_name_or_config, str):
             check_loaded_model(model, model_name_or_config, pretrained=model_name_or_config == "_pretrained_")

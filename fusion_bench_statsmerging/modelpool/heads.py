@@ -50,6 +50,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -59,7 +60,7 @@ from torch import nn
 from fusion_bench import BaseModelPool
 
 from ..models.heads import INPUT_KINDS, HeadsBackbone, ImageProcessor, PerTaskHeadsModel, TextProcessor
-from ..utils.preflight import check_loaded_model
+from ..utils.preflight import check_loaded_model, check_model_files
 from .clip_suite import SuiteError, _select
 
 FORMAT = "per_task_heads/1"
@@ -75,10 +76,18 @@ class HeadsSuiteError(SuiteError):
 
 
 # --------------------------------------------------------------------------- suite files
+# module paths that suites built before the package was laid out by concern name in suite.json / expert.json
+MOVED_MODULES = {"fusion_bench_statsmerging.backbones": "fusion_bench_statsmerging.models.backbones"}
+
+
 def _import(target: str):
     module, _, attr = target.partition(":")
     if not attr:
         module, _, attr = target.rpartition(".")
+    if module in MOVED_MODULES:
+        warnings.warn(f"'{target}' names the old module '{module}'; it is now '{MOVED_MODULES[module]}' "
+                      "(rebuild the suite or edit its suite.json to silence this).", DeprecationWarning, stacklevel=2)
+        module = MOVED_MODULES[module]
     return getattr(importlib.import_module(module), attr)
 
 
@@ -304,8 +313,10 @@ class PerTaskHeadsModelPool(BaseModelPool):
         return self.suite.root / "data" / task / split
 
     def load_model(self, model_name_or_config, *args, **kwargs) -> nn.Module:
-        """Strict: a tensor missing from a checkpoint or a NaN weight is an error naming model and tensor."""
+        """Strict: a tensor missing from a checkpoint or a NaN weight is an error naming model and tensor;
+        a weight file cut short, one naming model and file before anything reads it."""
         if isinstance(model_name_or_config, str) and isinstance(self._models.get(model_name_or_config), str):
+            check_model_files(self, [model_name_or_config])
             backbone = self.suite.load_backbone(self._models[model_name_or_config])
             return check_loaded_model(backbone, model_name_or_config,
                                       pretrained=model_name_or_config == "_pretrained_")

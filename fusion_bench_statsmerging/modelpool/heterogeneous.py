@@ -53,9 +53,10 @@ from fusion_bench.modelpool import CLIPVisionModelPool
 from ..engine.distillation import _image_of, image_only_view
 from ..engine.student_distillation import DistillationSettings, HeteroPoolError, clip_pixels, distill_student
 from ..models.teachers import (
-    CLIPZeroShotClassifier, ExpertSpec, HeteroExpertError, check_teacher_outputs, clip_zero_shot_head,
-    load_teacher, rendered_templates, same_architecture, source_fingerprint, task_classes,
+    CLIPZeroShotClassifier, ExpertSpec, HeteroExpertError, check_teacher_outputs, clip_zero_shot_head, load_teacher,
+    rendered_templates, same_architecture, source_fingerprint, task_classes,
 )
+from ..utils.splits import SPLITS
 
 __all__ = ["HeterogeneousDistillationModelPool", "DistillHeterogeneousExperts", "DistillationSettings",
            "DistilledExpertsMixin", "HeteroPoolError", "HeteroExpertError", "distill_student"]
@@ -148,17 +149,13 @@ class DistilledExpertsMixin:
     def _unlabeled_dataset(self, task: str):
         """The images a task's student is distilled on (``distillation.split``; labels are never read)."""
         split = self.settings.split
-        names = {"train": self.train_dataset_names, "validation": self.val_dataset_names,
-                 "test": self.test_dataset_names}[split]
-        key = {"train": "train_datasets", "validation": "val_datasets", "test": "test_datasets"}[split]
-        if task not in names:
+        key = SPLITS[split].config_key
+        if task not in SPLITS[split].names(self):
             raise HeteroPoolError(
                 f"Task '{task}' has no unlabeled data to distil its {self._specs[task].kind} expert on: the "
                 f"pool's `{key}` has no entry for it (distillation.split={split}). Add one, or choose "
                 "another `distillation.split`.")
-        loader = {"train": self.load_train_dataset, "validation": self.load_val_dataset,
-                  "test": self.load_test_dataset}[split]
-        dataset = loader(task)
+        dataset = SPLITS[split].load(self, task)
         if len(dataset) < 2:
             raise HeteroPoolError(
                 f"Task '{task}' has {len(dataset)} unlabeled image(s) in its {split} split; distillation "
@@ -167,8 +164,7 @@ class DistilledExpertsMixin:
 
     def _data_key(self, task: str, dataset) -> Dict[str, Any]:
         """What identifies a task's distillation data in the cache key."""
-        data_cfg = {"train": self._train_datasets, "validation": self._val_datasets,
-                    "test": self._test_datasets}[self.settings.split][task]
+        data_cfg = SPLITS[self.settings.split].config(self)[task]
         return {"split": self.settings.split, "size": len(dataset),
                 "fingerprint": getattr(dataset, "_fingerprint", None) or json.dumps(_as_plain(data_cfg), default=str)}
 

@@ -43,16 +43,13 @@ import torch
 from torch import Tensor, nn
 
 from ..engine.distillation import _image_of, image_only_view
-from .heads import (
-    FORMAT, HEAD_FILE, HeadsSuite, PerTaskHeadsModelPool, build_backbone, check_description, load_head,
-    save_expert,
-)
-from ..models.heads import HeadsBackbone, ImageProcessor
 from ..engine.student_distillation import DistillationSettings, HeteroPoolError, distill_student
-from .heterogeneous import DistilledExpertsMixin, _as_plain, _safe, cache_key, expert_subdirs
-from ..models.teachers import (
-    HeteroExpertError, Teacher, _check_head, check_teacher_outputs, source_fingerprint,
+from ..models.heads import HeadsBackbone, ImageProcessor
+from ..models.teachers import HeteroExpertError, Teacher, _check_head, check_teacher_outputs, source_fingerprint
+from .heads import (
+    FORMAT, HEAD_FILE, HeadsSuite, PerTaskHeadsModelPool, build_backbone, check_description, load_head, save_expert,
 )
+from .heterogeneous import DistilledExpertsMixin, _as_plain, _safe, cache_key, expert_subdirs
 
 __all__ = ["HeterogeneousHeadsModelPool", "HeadsExpert", "HeadsClassifier", "load_heads_teacher"]
 

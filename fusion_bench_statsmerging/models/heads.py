@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..engine.inputs import Inputs
+from ..utils.inputs import Inputs
 
 INPUT_KINDS = ("image", "text")
 

@@ -14,8 +14,8 @@ from fusion_bench.mixins import LightningFabricMixin
 
 from ..engine.batchnorm import batchnorm_layers, mixed_batches, reestimate_batchnorm
 from ..engine.distillation import sample_indices
-from ..models.heads import HeadsBackbone, PerTaskHeadsModel, inputs_to, read_inputs
 from ..modelpool.heads import HeadsSuite, HeadsSuiteError, load_head
+from ..models.heads import HeadsBackbone, PerTaskHeadsModel, inputs_to, read_inputs
 
 log = logging.getLogger(__name__)
 

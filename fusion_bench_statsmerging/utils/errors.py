@@ -3,14 +3,16 @@
 The host CLI logs a failing run's traceback, Hydra prints it again and ends with its own
 "Set the environment variable HYDRA_FULL_ERROR=1" line, all below a config dump of a few hundred
 lines. A :class:`UserError` created inside a Hydra job therefore registers, once, an exit hook
-that repeats the latest such message as the last line of the output (``error: ...``), so the
-reader finds what to fix without scrolling. Outside a Hydra job (tests, library use) nothing is
-registered and the exception behaves like any ``ValueError``.
+that prints the latest such message as the last line of the output (``error: ...``), so the
+reader finds what to fix without scrolling. The host's log record of it (a traceback, or a panel
+of a hundred lines) stays off the console; the log file keeps it. Outside a Hydra job (tests,
+library use) nothing is registered and the exception behaves like any ``ValueError``.
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 import sys
 from typing import Optional
 
@@ -36,17 +38,37 @@ def one_line(message: str) -> str:
 def _repeat_last() -> None:
     if _last is not None:
         sys.stdout.flush()
-        print(f"error: {_last}", file=sys.stderr, flush=True)
+        print(_last, file=sys.stderr, flush=True)
 
 
-def remember(message: str) -> None:
-    """Have ``message`` printed as the process's last line (inside a Hydra job only)."""
+def is_reported(exc: Optional[BaseException]) -> bool:
+    """An exception whose message the exit hook prints: its traceback helps nobody on the console."""
+    return isinstance(exc, (UserError, ReportedExit))
+
+
+class _NotOnConsole(logging.Filter):
+    """Keeps the host's ``log.error(e, exc_info=True)`` of a reported exception off the console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and is_reported(record.exc_info[1]))
+
+
+def _quiet_console() -> None:
+    """Add :class:`_NotOnConsole` to every handler of the root logger but files (the log keeps all)."""
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.addFilter(_NotOnConsole())
+
+
+def remember(message: str, prefix: str = "error") -> None:
+    """Have ``prefix: message`` printed as the process's last line (inside a Hydra job only)."""
     global _last, _registered
     if not _in_hydra_job():
         return
-    _last = one_line(message)
+    _last = f"{prefix}: {one_line(message)}"
     if not _registered:
         atexit.register(_repeat_last)
+        _quiet_console()
         _registered = True
 
 
@@ -56,6 +78,16 @@ class UserError(ValueError):
     def __init__(self, message: str):
         super().__init__(message)
         remember(message)
+
+
+class ReportedExit(SystemExit):
+    """Ends the process with ``code`` and ``message`` as its last line (``prefix: message``), without
+    a traceback: an expected end such as an interrupted run, not a failure to debug."""
+
+    def __init__(self, code: int, message: str, prefix: str):
+        super().__init__(code)
+        self.message = message
+        remember(message, prefix)
 
 
 class PoolError(UserError):

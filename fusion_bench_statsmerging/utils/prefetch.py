@@ -103,7 +103,8 @@ def _plain(node: Any) -> Any:
 
 def compose(overrides: Sequence[str]):
     """The config ``fusion_bench <overrides>`` would run (our configs included, via the search-path plugin)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     from fusion_bench.utils.hydra_utils import get_default_config_path
 
@@ -111,9 +112,13 @@ def compose(overrides: Sequence[str]):
         return hydra_compose(config_name="fabric_model_fusion", overrides=list(overrides))
 
 
-def needs_of_run(overrides: Sequence[str]) -> List[Need]:
-    cfg = compose(overrides)
+def needs_of_config(cfg) -> List[Need]:
+    """What a composed run config (``fusion_bench``'s) reads from the hub."""
     return find_needs({k: _plain(cfg[k]) for k in ("modelpool", "taskpool", "method") if k in cfg})
+
+
+def needs_of_run(overrides: Sequence[str]) -> List[Need]:
+    return needs_of_config(compose(overrides))
 
 
 def needs_of_pools(modelpool: Any, taskpool_config: Any = None) -> List[Need]:

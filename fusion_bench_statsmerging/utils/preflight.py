@@ -10,7 +10,9 @@ Each check turns a silently wrong result into one error naming the culprit:
 - an output folder that cannot be written would lose a finished run at its very end:
   :func:`check_writable` creates (and removes) a file there first;
 - a task without its evaluation split would silently leave the average:
-  :func:`check_splits` refuses the pool instead.
+  :func:`check_splits` refuses the pool instead;
+- a weight file cut short (an interrupted download or copy) ends in safetensors' own error naming
+  neither file nor model: :func:`check_weight_files` reads each header first.
 """
 
 from __future__ import annotations
@@ -51,11 +53,22 @@ def check_writable(directory: str | os.PathLike, what: str = "output folder") ->
     return path
 
 
+def creatable_problem(directory: str | os.PathLike) -> Optional[str]:
+    """Why ``directory`` could not be created or written, or None; creates nothing (checked before a
+    run that may not start). The nearest existing folder above it decides."""
+    path = Path(directory).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        return f"'{existing}' is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"no permission to write in '{existing}'"
+    return None
+
+
 # --------------------------------------------------------------------------- checkpoint files
-def saved_tensor_shapes(name_or_path: str) -> Optional[Shapes]:
-    """Tensor names and shapes of a ``save_pretrained`` safetensors checkpoint, read from its header
-    only (no weights). ``None`` when there is no local safetensors file to compare with."""
-    from safetensors import safe_open
+def weight_files(name_or_path: str) -> List[str]:
+    """The local safetensors file(s) of a ``save_pretrained`` checkpoint (a folder or a cached hub repo):
+    the single file, or every shard its index names; [] when there is none to read here."""
     from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 
     def local(filename: str) -> Optional[str]:
@@ -65,18 +78,82 @@ def saved_tensor_shapes(name_or_path: str) -> Optional[Shapes]:
         except Exception:  # not a directory or cached repo: nothing to compare with
             return None
 
-    files: List[str] = []
     single = local(SAFE_WEIGHTS_NAME)
     if single:
-        files = [single]
-    else:
-        index = local(SAFE_WEIGHTS_INDEX_NAME)
-        if not index:
-            return None
+        return [single]
+    index = local(SAFE_WEIGHTS_INDEX_NAME)
+    if not index:
+        return []
+    try:
         shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
-        files = [local(s) for s in shards]
-        if not all(files):
-            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise PreflightError(f"The shard index '{index}' is not readable JSON with a weight_map; the checkpoint "
+                             "was cut short or edited. Re-save or re-download the model.") from None
+    files = [local(s) for s in shards]
+    return files if all(files) else []
+
+
+def safetensors_problem(path: str | os.PathLike) -> Optional[str]:
+    """Why a safetensors file cannot be read in full (unreadable, cut short, not safetensors), or None.
+    Reads the header only: the 8-byte header length, the JSON header, and the end of its last tensor."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else None
+            if length is None or length > size - 8:
+                return f"its header is incomplete ({size} bytes on disk): the file was cut short"
+            header = json.loads(f.read(length))
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
+    except ValueError:
+        return "its header is not safetensors JSON: the file is corrupt or of another format"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+            and len(t.get("data_offsets") or ()) == 2]
+    if ends and 8 + length + max(ends) > size:
+        return (f"its tensors need {8 + length + max(ends)} bytes but the file has {size}: "
+                "it was cut short (an interrupted download or copy)")
+    return None
+
+
+def check_weight_files(name_or_path: str, label: str) -> None:
+    """Every local safetensors file of model ``label`` reads in full, before anything loads it (a cut
+    file would otherwise end in safetensors' own error naming neither the file nor the model)."""
+    for file in weight_files(name_or_path):
+        problem = safetensors_problem(file)
+        if problem:
+            raise PreflightError(f"The model '{label}' cannot be loaded from '{file}': {problem}. Re-save or "
+                                 "re-download this model, or remove it from the model pool.")
+
+
+def model_source(config) -> Optional[str]:
+    """Where a model pool's entry is read from: its path or hub id, or None for an entry built otherwise."""
+    if isinstance(config, (str, os.PathLike)):
+        return str(config)
+    if isinstance(config, Mapping):
+        for key in ("pretrained_model_name_or_path", "path", "model_path"):
+            if isinstance(config.get(key), str):
+                return config[key]
+    return None
+
+
+def check_model_files(modelpool, names: Iterable[str]) -> None:
+    """The weight files of the pool's models ``names`` (those read from a folder or hub cache) read in full."""
+    models = getattr(modelpool, "_models", None) or {}
+    for name in names:
+        source = model_source(models.get(name))
+        if source is not None:
+            check_weight_files(source, name)
+
+
+def saved_tensor_shapes(name_or_path: str) -> Optional[Shapes]:
+    """Tensor names and shapes of a ``save_pretrained`` safetensors checkpoint, read from its header
+    only (no weights). ``None`` when there is no local safetensors file to compare with."""
+    from safetensors import safe_open
+
+    files = weight_files(name_or_path)
+    if not files:
+        return None
     shapes: Shapes = {}
     for file in files:
         with safe_open(file, framework="pt") as f:

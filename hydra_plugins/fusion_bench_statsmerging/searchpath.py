@@ -14,3 +14,8 @@ class StatsMergingSearchPathPlugin(SearchPathPlugin):
         # working directory (a checkout of this repository has one). Appending the host's
         # own tree keeps `fabric_model_fusion` and its groups reachable from there.
         search_path.append("fusion-bench", "pkg://fusion_bench_config")
+        # The first thing Hydra does for a run: a run that cannot work ends here, in one line, before
+        # Hydra creates its output folder (utils/startup.py).
+        from fusion_bench_statsmerging.utils.startup import check_before_run
+
+        check_before_run()

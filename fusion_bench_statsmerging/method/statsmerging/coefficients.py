@@ -23,20 +23,20 @@ import torch
 from torch import Tensor, nn
 
 from ...engine import distributed
-from ...utils import artifacts
+from ...engine.checkpoint import ResumeError, fingerprint
+from ...engine.distillation import Protocol, get_protocol
 from ...engine.learner import StatsMergeLearner, relative_depth
 from ...engine.reuse import (
     LEARNER_OPTIONS, NORMALIZERS, SavedLearner, depth_mapping, learner_payload, load_learner, normalizer_for,
     resolve_options,
 )
+from ...engine.interference import NEEDS_PRETRAINED
 from ...engine.stats import (
-    FeatureNormalizer, layer_wise_statistics, num_features, task_wise_statistics, validate_features,
+    DEFAULT_FEATURES, FeatureNormalizer, layer_wise_statistics, num_features, task_wise_statistics, validate_features,
 )
-from ...engine.distillation import Protocol, get_protocol
 from ...engine.selection import SELECTION_IMAGES
-from ..base import PoolError, scoring_images
-from ...engine.checkpoint import ResumeError, fingerprint
-from ...utils.errors import UserError
+from ...utils import artifacts
+from ...utils.errors import PoolError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +78,29 @@ class LearnerCoefficients(nn.Module):
         return coef
 
 
+def engine_pretrained(engine: nn.Module, features: Sequence[str]) -> Optional[Dict[str, Tensor]]:
+    """The engine's pretrained tensors when a feature needs them (``relative_norm``), else None.
+    An engine that does not keep them cannot compute such a feature: refused with what to change."""
+    if not any(f in NEEDS_PRETRAINED for f in features):
+        return None
+    pretrained = getattr(engine, "pretrained_tensors", None)
+    if pretrained is None:
+        raise UserError(f"The features {[f for f in features if f in NEEDS_PRETRAINED]} need the pretrained "
+                        f"weights, and the merging engine {type(engine).__name__} does not keep them "
+                        "(no pretrained_tensors()); use merge_engine fused or host, or leave these features out.")
+    return pretrained()
+
+
 def pool_statistics(engine: nn.Module, mode: str, features: Sequence[str], rank: int) -> Tensor:
     """Raw statistics of the engine's task vectors: (K, L, F) layer-wise or (K, F) task-wise."""
+    pretrained = engine_pretrained(engine, features)
     task_vectors = [engine.task_vector(k) for k in range(engine.num_models)]
     if mode == "task_wise":
-        return task_wise_statistics(task_vectors, features, rank)
+        return task_wise_statistics(task_vectors, features, rank, pretrained)
     batched = getattr(engine, "layer_wise_statistics", None)
     if batched is not None:
         return batched(features, rank)
-    return layer_wise_statistics(task_vectors, features, rank)
+    return layer_wise_statistics(task_vectors, features, rank, pretrained)
 
 
 @contextlib.contextmanager
@@ -152,6 +166,34 @@ def check_starts(starts: Optional[Sequence[Mapping]], configured: Mapping[str, o
         check_learner_settings(configured, one["output"], one["init_coefficient"])
         result.append(one)
     return result
+
+
+def check_frozen_learner(frozen: bool, residual: bool, learner_path: Optional[str],
+                         max_steps: Optional[int]) -> None:
+    """``learner_frozen`` keeps the learner at its start (a constant ``init_coefficient``): the free
+    residual is then all that trains, which is free coefficients (SAMerging's parameterisation) under
+    the very same recipe, probes and selection: the ablation that measures what the learner adds.
+    Without a residual only ``max_steps: 0`` makes sense (task arithmetic at the start, e.g. with
+    ``init_coefficient: auto`` choosing its scale label-free)."""
+    if not frozen:
+        return
+    if learner_path:
+        raise UserError("learner_frozen keeps a fresh learner at its start; with learner_path the saved learner "
+                        "predicts the coefficients: set method.learner_frozen=false.")
+    if not residual and (max_steps is None or int(max_steps) != 0):
+        raise UserError("learner_frozen with residual: false leaves nothing to train: set method.residual=true "
+                        f"(free coefficients) or method.max_steps=0 (task arithmetic at the start); max_steps is "
+                        f"{max_steps}.")
+
+
+def freeze_at_start(learner: StatsMergeLearner) -> StatsMergeLearner:
+    """The learner as a constant: its output layer's weights zeroed (every coefficient exactly the
+    start, whatever the statistics) and no parameter left trainable."""
+    with torch.no_grad():
+        learner.head.weight.zero_()
+    for p in learner.parameters():
+        p.requires_grad_(False)
+    return learner
 
 
 def checkpoint_start(resume_from: Path, starts: List[Dict[str, object]]) -> int:
@@ -233,7 +275,7 @@ class StatsMergingCoefficients:
     def __init__(
         self,
         mode: Optional[str] = "layer_wise",
-        features: Optional[Sequence[str]] = ("mean", "variance", "norm", "singular_values"),
+        features: Optional[Sequence[str]] = DEFAULT_FEATURES,
         rank: Optional[int] = 3,
         hidden_dim: Optional[int] = 128,
         learner_layers: Optional[int] = 2,
@@ -247,6 +289,7 @@ class StatsMergingCoefficients:
         residual: bool = False,
         starts: Optional[Sequence[Mapping]] = None,
         start_probe_steps: int = 300,
+        learner_frozen: bool = False,
         **kwargs,
     ):
         if normalizer not in NORMALIZERS:
@@ -279,7 +322,9 @@ class StatsMergingCoefficients:
         checked_starts = check_starts(starts, configured, kwargs.get("select_by", "last"), learner_path)
         if not isinstance(start_probe_steps, int) or start_probe_steps < 1:
             raise UserError(f"start_probe_steps must be an integer >= 1, got {start_probe_steps!r}.")
+        check_frozen_learner(bool(learner_frozen), bool(residual), learner_path, kwargs.get("max_steps"))
         super().__init__(**kwargs)
+        self.learner_frozen = bool(learner_frozen)
         self.starts, self.start_probe_steps = checked_starts, int(start_probe_steps)
         for key, value in configured.items():  # the values in force (from the file when reused)
             setattr(self, key, value)
@@ -334,12 +379,14 @@ class StatsMergingCoefficients:
                      len(saved.pool.get("param_names", [])) or "?", self.normalizer)
         else:
             self._normalizer = FeatureNormalizer.fit(raw)
-            start = self._searched_start if self.init_coefficient == "auto" else self.init_coefficient
+            start = self.start_in_force()
             learner = StatsMergeLearner(
-                num_features(feats, self.rank), self.hidden_dim, self.learner_layers, self.output,
-                start, self.max_coefficient,
+                num_features(feats, self.rank), self.hidden_dim, self.learner_layers, start["output"],
+                start["init_coefficient"], self.max_coefficient,
                 use_depth=self.use_depth and self.mode == "layer_wise",
             )
+            if self.learner_frozen:
+                learner = freeze_at_start(learner)
         log.info("StatsMergeLearner: %d parameters; statistics %s", sum(p.numel() for p in learner.parameters()),
                  tuple(raw.shape))
         self._raw_statistics = raw.cpu()
@@ -353,11 +400,11 @@ class StatsMergingCoefficients:
         images). The best uniform scale depends on the pool (e.g. on how many experts share it), so a
         start fixed on one family of suites need not suit another."""
         shape = (engine.num_models, len(engine.param_names))
-        scores = {}
+        scores, trainer = {}, self.trainer()
         for fraction in START_FRACTIONS:
             value = round(fraction * float(self.max_coefficient), 6)
             fixed = torch.full(shape, value, device=self.fabric.device)
-            scores[value] = self.selection_score(engine, lambda: fixed, data)
+            scores[value] = trainer.selection_score(engine, lambda: fixed, data)
         best = max(scores, key=scores.get)  # ties: the smaller start
         self._start_search = {"images": source, "agreement": scores, "chosen": best}
         log.info("%s: start at %.2f (task arithmetic's agreement with the experts: %s)", self.method_label,
@@ -365,20 +412,34 @@ class StatsMergingCoefficients:
         return best
 
     # ------------------------------------------------------------------ starts
-    def choose_start(self, engine, model_names, pixels, targets, selection_data, out_dir, resume_from) -> None:
+    def start_in_force(self) -> Dict[str, object]:
+        """``output`` and ``init_coefficient`` of the learner built next: the start the probes chose (or the
+        one a probe is trying), else the searched start of ``init_coefficient: auto``, else the configured one.
+        The configured settings themselves are never overwritten: the report shows both."""
+        start = getattr(self, "_start", None)
+        if start is not None:
+            return dict(start)
+        init = getattr(self, "_searched_start", None) if self.init_coefficient == "auto" else self.init_coefficient
+        return {"output": self.output, "init_coefficient": init}
+
+    def checkpoint_settings(self) -> Dict[str, object]:
+        """A checkpoint names the start its training began from (a resumed run goes on with it)."""
+        return {**super().checkpoint_settings(), **(getattr(self, "_start", None) or {})}
+
+    def choose_start(self, engine, model_names, fit, out_dir, resume_from) -> None:
         """Settle the learner's start before it is built.
 
         ``init_coefficient: auto``: task arithmetic's scales scored on unlabeled images (:meth:`search_start`).
 
-        ``starts``: train a fresh learner from each start for ``start_probe_steps`` steps and go on
-        with the start whose kept state the experts agree with most on the unlabeled validation images.
-        Why: which start trains best differs between pools (on our text suite the start at 0, on the
-        CNN suites task arithmetic at 0.3) and is not told by how well the start itself merges (what
-        ``auto`` measures); a short trial of each, scored label-free, tells it. The run then trains the
+        ``starts``: train a fresh learner from each start for ``start_probe_steps`` steps (a short run of the
+        same Trainer) and go on with the start whose kept state the experts agree with most on the unlabeled
+        validation images. Why: which start trains best differs between pools (on our text suite the start
+        at 0, on the CNN suites task arithmetic at 0.3) and is not told by how well the start itself merges
+        (what ``auto`` measures); a short trial of each, scored label-free, tells it. The run then trains the
         winner afresh, exactly as a run configured with that start alone would."""
         if self.init_coefficient == "auto":  # (refused with learner_path and with starts)
             with self.profile("start search"):
-                self._searched_start = self.search_start(engine, *scoring_images(selection_data, pixels, targets))
+                self._searched_start = self.search_start(engine, *fit.scoring_images())
             return
         if not self.starts:
             return
@@ -386,42 +447,40 @@ class StatsMergingCoefficients:
         probe = read_probe(resume_from, self.starts, steps)
         if probe is None:
             with self.profile("start probe"):
-                probe = self.probe_starts(engine, model_names, pixels, targets, selection_data, steps)
+                probe = self.probe_starts(engine, model_names, fit, steps)
         if distributed.is_rank_zero(self.fabric):  # also when reused: the run's folder says how it started
             artifacts.save_json(f"{out_dir}/{PROBE_FILE}", probe)
-        chosen = self.starts[probe["chosen"]]
-        if (self.output, self.init_coefficient) != tuple(chosen.values()):
-            log.info("%s: starts replace output %s / init_coefficient %s", self.method_label, self.output,
-                     self.init_coefficient)
-        self.output, self.init_coefficient = chosen["output"], chosen["init_coefficient"]
+        self._start = dict(self.starts[probe["chosen"]])
         self._start_probe = probe
-        log.info("%s: going on from start %s (agreement with the experts after the probes: %s)", self.method_label,
-                 chosen, [round(r["best_agreement"], 4) for r in probe["results"]])
+        log.info("%s: going on from start %s (configured: output %s, init_coefficient %s; agreement with the "
+                 "experts after the probes: %s)", self.method_label, self._start, self.output,
+                 self.init_coefficient, [round(r["best_agreement"], 4) for r in probe["results"]])
 
     def planned_steps(self) -> Dict[str, int]:
         """The start probes run before the training (a resumed run that finds their scores skips them)."""
         probes = len(self.starts) * min(self.start_probe_steps, self._schedule.max_steps) if self.starts else 0
         return {**({"start probes": probes} if probes else {}), **super().planned_steps()}
 
-    def probe_starts(self, engine, model_names, pixels, targets, selection_data, steps: int) -> Dict[str, object]:
+    def probe_starts(self, engine, model_names, fit, steps: int) -> Dict[str, object]:
         """Each start trained for ``steps`` steps from the same random state (the learner's
         initialisation), batches and schedule; scored as ``select_by: validation_agreement`` scores
         (the best state within the probe). Ties: the start listed first."""
-        if selection_data is None:
+        if fit.selection is None:
             raise UserError("starts needs the unlabeled validation images of select_by: validation_agreement, "
                             "and none were loaded.")
         devices = [self.fabric.device] if self.fabric.device.type == "cuda" else []
         results = []
         for i, start in enumerate(self.starts):
-            self.output, self.init_coefficient = start["output"], start["init_coefficient"]
+            self._start = dict(start)
             with torch.random.fork_rng(devices=devices):  # every start sees the run's random state
                 module = self.fabric.to_device(self.build_coefficient_module(engine, model_names))
-                self._checkpoints = None  # a probe is short and is not checkpointed
-                self.train(engine, module, pixels, targets, selection_data, steps=steps, log_prefix=f"start_probe/{i}/")
-            selection = self._selection
+                # a probe is a short run of the same loop, not checkpointed
+                selection = self.trainer().train(engine, module, fit, steps=steps,
+                                                 log_prefix=f"start_probe/{i}/").selection
             results.append({**start, "best_agreement": selection["best_agreement"],
                             "best_step": selection["best_step"],
                             "agreement_by_step": selection["agreement_by_step"]})
+        self._start = None
         chosen = max(range(len(results)), key=lambda i: (results[i]["best_agreement"], -i))
         # every rank goes on with rank 0's choice (a near tie could split ranks whose scores differ in the last bit)
         chosen = int(self.fabric.broadcast(chosen, src=0)) if distributed.world_size(self.fabric) > 1 else chosen
@@ -431,7 +490,10 @@ class StatsMergingCoefficients:
     def report_extras(self) -> Dict[str, object]:
         search = getattr(self, "_start_search", None)
         probe = getattr(self, "_start_probe", None)
-        return {**super().report_extras(), **({"start_search": search} if search else {}),
+        start = {} if self._saved_learner else {"start": {
+            "configured": {"output": self.output, "init_coefficient": self.init_coefficient},
+            "chosen": self.start_in_force()}}
+        return {**super().report_extras(), **start, **({"start_search": search} if search else {}),
                 **({"start_probe": probe} if probe else {})}
 
     def write_artifacts(self, out_dir, coefficients, param_names, names, *args, **kwargs):
@@ -441,9 +503,7 @@ class StatsMergingCoefficients:
 
     def extra_artifacts(self, coefficient_module: LearnerCoefficients, out_dir: str) -> Dict[str, str]:
         saved = self._saved_learner
-        options = {k: getattr(self, k) for k in LEARNER_OPTIONS}
-        if options["init_coefficient"] == "auto":  # the file keeps the start that was used
-            options["init_coefficient"] = self._searched_start
+        options = {**{k: getattr(self, k) for k in LEARNER_OPTIONS}, **self.start_in_force()}  # the start used
         provenance = {"method": self.method_label, "protocol": self._protocol.name, "max_steps": self._schedule.max_steps if hasattr(self, "_schedule") else self.max_steps,
                       "loaded_from": saved.path if saved else None,
                       "normalizer": ("fitted on this pool" if saved is None or self.normalizer == "refit"

@@ -1,4 +1,4 @@
-"""StatsMerging, StatsMerging++ and SAMerging for shared-backbone pools with one head per task.
+"""StatsMerging and StatsMerging++ for shared-backbone pools with one head per task.
 
 Example (a suite in the layout of :mod:`fusion_bench_statsmerging.modelpool.heads`)::
 
@@ -15,17 +15,12 @@ from __future__ import annotations
 from fusion_bench import auto_register_config
 
 from ..heads import HeadsCoefficientDistillation
-from ..samerging.coefficients import SAMergingCoefficients
 from .coefficients import StatsMergingCoefficients
 
-__all__ = ["HeadsStatsMergingAlgorithm", "HeadsSAMergingAlgorithm"]
+__all__ = ["HeadsStatsMergingAlgorithm"]
 
 
 @auto_register_config
 class HeadsStatsMergingAlgorithm(StatsMergingCoefficients, HeadsCoefficientDistillation):
     """StatsMerging (layer-wise by default, task-wise by ``mode``); StatsMerging++ is a config of it."""
 
-
-@auto_register_config
-class HeadsSAMergingAlgorithm(SAMergingCoefficients, HeadsCoefficientDistillation):
-    """SAMerging (free coefficients, SAM around Adam) on per-task-head pools."""

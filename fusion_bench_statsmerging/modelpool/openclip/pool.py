@@ -34,11 +34,11 @@ from torch import Tensor, nn
 from fusion_bench.modelpool import CLIPVisionModelPool
 from fusion_bench.taskpool import CLIPVisionModelTaskPool
 
+from ..clip_suite import CLIPSuiteModelPool, CLIPSuiteTaskPool, SuiteError, _select, read_suite_tasks
 from .convert import (
     ConversionError, check_openclip_config, hf_vision_to_openclip, openclip_to_hf_clip,
     vision_model_from_openclip_visual,
 )
-from ..clip_suite import CLIPSuiteModelPool, CLIPSuiteTaskPool, SuiteError, _select, read_suite_tasks
 
 CACHE_ENV = "STATSMERGING_OPENCLIP_CACHE"
 DONE = "conversion.json"  # written last: a folder without it is an interrupted conversion
