@@ -69,13 +69,14 @@ def test_selection_and_probes_read_a_held_out_train_slice_disjoint_from_the_fit(
     algorithm = make_algorithm(tmp_path, cpu_fabric, max_steps=2, data_fraction=1.0, select_by="validation_agreement",
                                select_every=1, select_samples=24, starts=TWO_STARTS, start_probe_steps=1)
     read = {"fit": {}, "selection": {}}
-    original = algorithm.labelled_inputs
+    from fusion_bench_statsmerging.engine import fit_data
+    original = fit_data.labelled_inputs
 
-    def spy(task, dataset, indices, expert, ground_truth=False, with_features=True):
-        read["fit" if with_features else "selection"][task] = list(indices)
-        return original(task, dataset, indices, expert, ground_truth, with_features)
+    def spy(family, task, dataset, indices, expert, device, *rest):
+        read["fit" if rest else "selection"][task] = list(indices)  # the fit passes its protocol's options
+        return original(family, task, dataset, indices, expert, device, *rest)
 
-    monkeypatch.setattr(algorithm, "labelled_inputs", spy)
+    monkeypatch.setattr(fit_data, "labelled_inputs", spy)
     algorithm.run(pool)
 
     report = json.loads((tmp_path / "artifacts" / "statsmerging_report.json").read_text())
@@ -89,13 +90,22 @@ def test_selection_and_probes_read_a_held_out_train_slice_disjoint_from_the_fit(
     assert report["start_probe"]["images"] == SELECTION_IMAGES and len(report["start_probe"]["results"]) == 2
 
 
-def test_a_pool_with_a_validation_split_fits_on_the_draw_it_always_made(tmp_path, modelpool, cpu_fabric):
+def test_a_pool_with_a_validation_split_fits_on_the_draw_it_always_made(tmp_path, modelpool, cpu_fabric, monkeypatch):
+    from fusion_bench_statsmerging.engine import fit_data
+    original, drawn = fit_data.labelled_inputs, {}
+
+    def spy(family, task, dataset, indices, expert, device, *rest):
+        if rest:  # the fit's draw (selection passes no protocol options)
+            drawn[task] = list(indices)
+        return original(family, task, dataset, indices, expert, device, *rest)
+
+    monkeypatch.setattr(fit_data, "labelled_inputs", spy)
     algorithm = make_algorithm(tmp_path, cpu_fabric, max_steps=1, select_by="validation_agreement", select_samples=8)
     algorithm.run(modelpool)
     report = json.loads((tmp_path / "artifacts" / "statsmerging_report.json").read_text())
     for t_idx, (task, info) in enumerate(report["fit_data"].items()):
         assert "held_out_for_selection" not in info
-        assert algorithm._fit_indices[task] == sample_indices(info["dataset_size"], info["num_samples"], t_idx)
+        assert drawn[task] == sample_indices(info["dataset_size"], info["num_samples"], t_idx)
 
 
 def test_statsmerging_r_runs_through_the_cli_on_a_pool_without_validation_split(tmp_path, suite_dir):
