@@ -268,14 +268,17 @@ def test_added_rows_run_beside_a_method_list():
 def test_outputs_from_rows(tmp_path):
     rows = [{"key": "x", "label": "X | y", "protocol": compare.NO_DATA, "status": "ok", "error": None,
              "accuracies": {"t1": 0.5, "t2": 0.25}, "average": 0.375, "wall_time_s": 1.5,
-             "peak_rss_mib": 100.0, "peak_cuda_mib": None, "command": "fusion_bench a=b"},
+             "peak_rss_mib": 100.0, "peak_cuda_mib": None, "command": "fusion_bench a=b", "settings": "host defaults",
+             "budget": {"images_per_task": [16, 32], "steps": 40, "passes_per_step": 2, "selection": "last state"}},
             {"key": "z", "label": "Z", "protocol": compare.CUSTOM, "status": "failed", "error": "Boom: x",
              "error_tail": "line\nBoom: x", "accuracies": {}, "average": None, "wall_time_s": 0.2,
              "peak_rss_mib": None, "peak_cuda_mib": None, "command": "fusion_bench c=d"}]
     md = compare.write_outputs(tmp_path, rows, {"created": "now", "modelpool": "mp", "taskpool": "tp"})
-    assert "| X \\| y | no data | 50.00 | 25.00 | 37.50 | 1.5 | 100 |  | ok |" in md
+    assert ("| X \\| y | no data | 50.00 | 25.00 | 37.50 | 16-32 | 40 | 2 | last state | host defaults | 1.5 | 100 |  "
+            "| ok |") in md
     assert "failed: Boom: x" in md and "```\nline\nBoom: x\n```" in md
     assert (tmp_path / "results.png").stat().st_size > 0
     with open(tmp_path / "results.csv") as fh:
         got = list(csv.DictReader(fh))
     assert got[0]["t1"] == "0.5" and got[1]["status"] == "failed"
+    assert (got[0]["images_per_task"], got[0]["steps"], got[0]["selection"]) == ("16-32", "40", "last state")

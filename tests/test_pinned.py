@@ -7,7 +7,9 @@ SAMerging, the per-task-head family, the Flan-T5 family, and a run interrupted b
 A refactoring of the training loop must leave every one of them bit-equal.
 
 The record holds the exact float32 values (as ``float.hex``) and their SHA-256. Bit equality holds on
-the torch build and CPU kernel set the record was made with (both are recorded); elsewhere the
+the torch build and CPU kernel set the record was made with (both are recorded), with this file run alone
+(``STATSMERGING_PIN_BITWISE=1 .venv/bin/python -m pytest -q tests/test_pinned.py``); elsewhere, and in the
+whole suite, where the session's tiny suite may have been built by another test, the
 fixtures' own training already differs in the last bits, so there the values are compared to 1e-4
 (which still fails on a real change).
 
@@ -32,6 +34,9 @@ from fusion_bench_statsmerging.modelpool.clip_suite import CLIPSuiteModelPool
 
 RECORD = Path(__file__).with_name("pinned_coefficients.json")
 RECORDING = os.environ.get("STATSMERGING_PIN_RECORD") == "1"
+# bit equality (for a refactoring of the loop: run this file alone); in the whole suite the session's tiny
+# suite and zero-shot heads may come from another test's run, which moves the last bits
+BITWISE = os.environ.get("STATSMERGING_PIN_BITWISE") == "1"
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -196,7 +201,7 @@ def test_coefficients_are_pinned(case, tmp_path, request):
     want = record["cases"].get(case.__name__)
     assert want is not None, f"no record of {case.__name__}: record it (STATSMERGING_PIN_RECORD=1, module docstring)"
     assert got["shape"] == want["shape"]
-    if record["environment"] == environment():
+    if record["environment"] == environment() and BITWISE:
         assert got == want, "the coefficients are no longer bit-equal to the recorded run"
         return
     # another torch build or CPU kernel set: the fixtures themselves differ in the last bits
