@@ -27,7 +27,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def suite_dir(tmp_path_factory) -> Path:
     from fusion_bench_statsmerging.fixtures.clip import build_tiny_clip_suite
 
-    return build_tiny_clip_suite(tmp_path_factory.mktemp("tiny_clip_suite"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same bits whichever test builds it first (tests/test_pinned.py relies on it)
+    try:
+        return build_tiny_clip_suite(tmp_path_factory.mktemp("tiny_clip_suite"))
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture

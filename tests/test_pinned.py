@@ -38,7 +38,19 @@ RECORDING = os.environ.get("STATSMERGING_PIN_RECORD") == "1"
 # suite and zero-shot heads may come from another test's run, which moves the last bits
 BITWISE = os.environ.get("STATSMERGING_PIN_BITWISE") == "1"
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "fresh_heads_cache")
+
+
+@pytest.fixture
+def fresh_heads_cache(tmp_path):
+    """The host caches CLIP zero-shot heads on disk by task and model path: heads another test of this
+    process computed (with other threads, so other last bits) must not stand in for this run's."""
+    from fusion_bench.utils import cache_utils
+
+    before = cache_utils.DEFAULT_CACHE_DIR
+    cache_utils.set_default_cache_dir(tmp_path / "heads_cache")
+    yield
+    cache_utils.set_default_cache_dir(before)
 
 
 def environment() -> dict:
