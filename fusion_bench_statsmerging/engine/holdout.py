@@ -11,11 +11,12 @@ is what it is there to catch). No label is read either way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
 from ..utils.errors import PoolError
+from ..utils.splits import load_split
 from .distillation import sample_indices
 
 # offsets the run's seed, so the slice is not the fit draw's first rows
@@ -60,3 +61,17 @@ def sample_rows(rows: Sequence[int], n: int, seed: int) -> List[int]:
     """``n`` of ``rows``, drawn as :func:`sample_indices` draws over ``range(len(rows))``: with every row
     of a split as ``rows`` the draw is the one a run without a held-out slice makes."""
     return [rows[i] for i in sample_indices(len(rows), n, seed)]
+
+
+def selection_datasets(modelpool, names: Sequence[str], fit_datasets: Mapping[str, object], fit_split: str,
+                       size: int, batch_size: int, seed: int) -> Tuple[Dict[str, object], Dict[str, HeldOut]]:
+    """The datasets label-free selection scores, per task: its validation split where the pool has one, else
+    its train split with the held-out slice it may read (returned beside, so the fit draws from the rest)."""
+    purpose = "select_by: validation_agreement scores unlabeled images"
+    own = [n for n in names if n in (modelpool.val_dataset_names or [])]
+    datasets = load_split(modelpool, "validation", own, purpose, batch_size)
+    others = [n for n in names if n not in own]
+    train = fit_datasets if fit_split == "train" else load_split(modelpool, "train", others, purpose, batch_size)
+    held_out = held_out_slices({n: len(train[n]) for n in others}, size, batch_size, seed)
+    datasets.update({n: train[n] for n in others})
+    return datasets, held_out

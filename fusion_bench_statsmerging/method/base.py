@@ -31,7 +31,7 @@ from ..engine.engines import build_engine
 from ..engine.fit_data import FitData, prepare_fit_data
 from ..engine.fused import enable_activation_checkpointing
 from ..engine.merge import check_same_architecture, trainable_names
-from ..engine.holdout import held_out_slices
+from ..engine.holdout import selection_datasets
 from ..engine.progress import RunProgress
 from ..engine.schedule import resolve_schedule
 from ..engine.settings import TrainingSettings
@@ -41,7 +41,7 @@ from ..utils.errors import PoolError
 from ..utils.inputs import Inputs, take, target_logits
 from ..utils.preflight import check_loaded_model, check_model_files, check_writable
 from ..utils.settings import check_setting_types
-from ..utils.splits import SPLITS
+from ..utils.splits import load_split
 from .hints import check_hub_files, family_mismatch, taskpool_hint
 
 log = logging.getLogger(__name__)
@@ -161,36 +161,13 @@ class CoefficientDistillation(SimpleProfilerMixin, BaseAlgorithm):
                             "To evaluate a single model, use the host's `method=dummy`.")
         datasets = self.load_split(modelpool, self._protocol.split, names, f"Protocol '{self._protocol.name}' fits")
         if self.select_by == "validation_agreement":  # a task without a validation split: a held-out train slice
-            own = [n for n in names if n in (modelpool.val_dataset_names or [])]
-            purpose = "select_by: validation_agreement scores unlabeled images"
-            self._selection_datasets = self.load_split(modelpool, "validation", own, purpose)
-            others = [n for n in names if n not in own]
-            train = datasets if self._protocol.split == "train" else self.load_split(modelpool, "train", others, purpose)
-            self._held_out = held_out_slices({n: len(train[n]) for n in others}, int(self.select_samples),
-                                             int(self.batch_size), self.seed)
-            self._selection_datasets.update({n: train[n] for n in others})
+            self._selection_datasets, self._held_out = selection_datasets(
+                modelpool, names, datasets, self._protocol.split, int(self.select_samples), int(self.batch_size),
+                self.seed)
         return datasets
 
     def load_split(self, modelpool, split: str, names: List[str], purpose: str) -> Dict[str, object]:
-        """Each task's dataset of ``split``, or an error naming the tasks that lack it (or are too small)."""
-        available = SPLITS[split].names(modelpool)
-        missing = [n for n in names if n not in available]
-        if missing:
-            where = ""
-            if hasattr(modelpool, "dataset_dir"):  # a suite on disk: name the folders it looked for
-                where = " (looked for " + ", ".join(f"'{modelpool.dataset_dir(n, split)}'" for n in missing) + ")"
-            raise PoolError(f"{purpose} on the {split} split, but the model pool's `{SPLITS[split].config_key}` "
-                            f"has no entry for {missing}{where}. Add them, or change the method's options.")
-        datasets = {}
-        for name in names:
-            ds = SPLITS[split].load(modelpool, name)
-            if len(ds) == 0:
-                raise PoolError(f"The {split} dataset of task '{name}' is empty.")
-            if len(ds) < self.batch_size:
-                raise PoolError(f"The {split} dataset of task '{name}' has {len(ds)} samples, fewer than one "
-                                f"batch (batch_size={self.batch_size}). Lower `batch_size` or add data.")
-            datasets[name] = ds
-        return datasets
+        return load_split(modelpool, split, names, purpose, int(self.batch_size))
 
     def prepare_fit_data(self, datasets: Dict[str, object], experts: Dict[str, nn.Module]) -> FitData:
         """Each task's unlabeled fit inputs and the teachers' targets (and the selection images)."""
