@@ -33,3 +33,10 @@ def test_summary_structure_and_learner_minus_free(tmp_path):
     assert lo < 0.1 < hi and lo > 0.05  # 1000 test images: about +-0.043
     assert curve["64"]["rows"]["statsmerging_learner_matched"]["mean"] == pytest.approx(0.4)
     assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_docs_curve_table_is_the_committed_runs():
+    root = REPO_ROOT / "docs" / "results" / "learner_tiny_cpu"
+    summary = json.loads((root / "summary.json").read_text())
+    assert learner_curve.markdown(summary) in (REPO_ROOT / "docs" / "benchmarks.md").read_text()
+    assert json.loads(json.dumps(learner_curve.summarize(root))) == summary

@@ -72,6 +72,20 @@ def summarize(out: Path, draws: int = evidence.DRAWS) -> Dict[str, object]:
     return result
 
 
+def markdown(summary: Dict[str, object]) -> str:
+    """The curve as a table: per suite and images per task, each row's mean and the learner minus free."""
+    lines = ["| suite | images/task | " + " | ".join(ROWS) + " | learner minus free [95 % interval] |",
+             "|" + "---|" * (len(ROWS) + 3)]
+    for suite, entry in summary.items():
+        for n, point in entry["curve"].items():
+            cells = [f"{100 * point['rows'][k]['mean']:.2f}" if k in point["rows"] else "" for k in ROWS]
+            diff = point["learner_minus_free"]
+            gap = "" if diff is None else (f"{100 * diff['mean']:+.2f} [{100 * diff['ci95'][0]:+.2f}, "
+                                           f"{100 * diff['ci95'][1]:+.2f}]")
+            lines.append(f"| {suite} | {n} | " + " | ".join(cells) + f" | {gap} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(summary: Dict[str, object], path: Path) -> None:
     """Accuracy against unlabeled images per task, one panel per suite; bars: std over builds."""
     import matplotlib
@@ -122,8 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     summary = summarize(args.out, args.draws)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(summary, args.out / "curve.png")
-    print(json.dumps({s: {n: p["learner_minus_free"] and round(100 * p["learner_minus_free"]["mean"], 2)
-                          for n, p in e["curve"].items()} for s, e in summary.items()}))
+    print(markdown(summary))
     return 0
 
 
