@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import evidence  # noqa: E402  (the raw-run reader and the interval)
 
 ROWS = ["statsmerging_residual", "samerging_matched", "statsmerging_learner_matched"]
-LEARNER, FREE = "statsmerging_residual", "samerging_matched"
 REUSE_NOT_RUN = {"status": "not run: the data-free reuse table needs GPU builds of the three suites "
                            "(a learner trained on some and applied unchanged to the others)"}
 
@@ -57,9 +56,10 @@ def run(suite: Path, name: str, seed: int, out: Path, images: Sequence[int], res
 def point_summary(builds, draws: int) -> Dict[str, object]:
     """Rows (mean, std, n over builds) and the learner minus free coefficients at one point of the curve."""
     summary = evidence.suite_summary(builds, draws)
-    pairs = evidence._pair(builds, LEARNER, FREE)
+    learner = summary.get("learner_contribution")  # evidence.RECOMMENDED minus evidence.FREE, bootstrapped
     return {"rows": {k: {x: v[x] for x in ("label", "mean", "std", "n", "budget")} for k, v in summary["rows"].items()},
-            "learner_minus_free": evidence.bootstrap_difference(pairs, draws) if pairs else None}
+            "learner_minus_free": None if learner is None else
+            {k: learner[k] for k in ("mean", "ci95", "n_builds", "interval")}}
 
 
 def summarize(out: Path, draws: int = evidence.DRAWS) -> Dict[str, object]:

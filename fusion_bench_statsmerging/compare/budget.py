@@ -120,12 +120,13 @@ def budget_from_report(report: Mapping[str, Any]) -> Dict[str, Any]:
             "read_from": "the run's report"}
 
 
-def _override(overrides: Sequence[str], key: str) -> Optional[str]:
+def override_value(overrides: Sequence[str], key: str) -> Optional[str]:
+    """The value the last Hydra override of ``key`` sets (quotes removed), or None when none sets it."""
     value = None
     for o in overrides:
         k, _, v = o.lstrip("+~").partition("=")
         if k == key:
-            value = v
+            value = v.strip("'\"")
     return value
 
 
@@ -134,7 +135,7 @@ def budget_from_settings(spec_budget: Mapping[str, Any], overrides: Sequence[str
     if not spec_budget:  # one of ours that wrote no report: it did not run to the end
         return {"read_from": "no report (the run did not finish)"}
     budget = dict(spec_budget)
-    steps = _override(overrides, "method.max_steps")
+    steps = override_value(overrides, "method.max_steps")
     if steps is not None and budget.get("steps"):
         budget["steps"] = int(steps)
     budget["read_from"] = "the row's settings"

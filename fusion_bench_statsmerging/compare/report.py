@@ -120,6 +120,8 @@ BUDGET_NOTE = (
     "included), forward+backward passes per step (2 under SAM), and which state it kept; read from each run's "
     "own report where it writes one, else from the row's settings. 'Settings chosen' says where a row's "
     "settings come from. Margins between rows of unequal budget are not a comparison of methods.")
+
+
 def task_order(rows: Sequence[Mapping[str, Any]]) -> List[str]:
     """Tasks in first-seen order across rows, so columns are stable and complete."""
     seen: Dict[str, None] = {}
@@ -158,8 +160,8 @@ def markdown(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str], meta: Mapp
         accs = r.get("accuracies") or {}
         status = "ok" if r["status"] == "ok" else f"{r['status']}: {r.get('error') or ''}"
         cells = [r["label"], r["protocol"], *[_pct(accs.get(t)) for t in tasks], _pct(r.get("average")),
-                 *budget_cells(r.get("budget")).values(), r.get("settings", ""), _num(r.get("wall_time_s")), _num(r.get("peak_rss_mib"), "{:.0f}"),
-                 _num(r.get("peak_cuda_mib"), "{:.0f}"), status]
+                 *budget_cells(r.get("budget")).values(), r.get("settings", ""), _num(r.get("wall_time_s")),
+                 _num(r.get("peak_rss_mib"), "{:.0f}"), _num(r.get("peak_cuda_mib"), "{:.0f}"), status]
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:

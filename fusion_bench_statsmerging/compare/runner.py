@@ -25,7 +25,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from .budget import Budget, budget_note, matched_overrides, row_budget
+from .budget import Budget, budget_note, matched_overrides, override_value, row_budget
 from .report import collect_report, error_tail
 from .rows import CUSTOM, OUR_PROTOCOLS, SUITE_BUILDERS, MethodSpec
 
@@ -156,11 +156,8 @@ def row_protocol(spec: MethodSpec, overrides: Sequence[str]) -> str:
     """The data-protocol text of a row, following a ``method.protocol=...`` override if any."""
     if spec.protocol_key is None:
         return spec.protocol
-    value = spec.default_protocol_value
-    for o in overrides:
-        key, _, val = o.lstrip("+~").partition("=")
-        if key == spec.protocol_key:
-            value = val.strip("'\"")
+    found = override_value(overrides, spec.protocol_key)
+    value = spec.default_protocol_value if found is None else found
     return OUR_PROTOCOLS.get(value or "", f"{CUSTOM}: {spec.protocol_key}={value}")
 
 
