@@ -35,6 +35,14 @@ def suite_dir(tmp_path_factory) -> Path:
         torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def cnn_suite(tmp_path_factory) -> Path:
+    """A tiny per-task-head CNN suite (BatchNorm backbone, one head per task), built once per test module."""
+    from fusion_bench_statsmerging.fixtures.heads import build_tiny_cnn_suite
+
+    return build_tiny_cnn_suite(tmp_path_factory.mktemp("heads_cnn"))
+
+
 @pytest.fixture
 def modelpool(suite_dir):
     from fusion_bench_statsmerging.modelpool.clip_suite import CLIPSuiteModelPool

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fusion_bench_statsmerging.modelpool.heads import PerTaskHeadsModelPool, load_head
-from fusion_bench_statsmerging.fixtures.heads import build_tiny_cnn_suite, build_tiny_text_suite
+from fusion_bench_statsmerging.fixtures.heads import build_tiny_text_suite
 from fusion_bench_statsmerging.method.adamerging_heads import (
     HeadsTaskWiseAdaMerging, heads_adamerging,
 )
@@ -24,11 +24,6 @@ from conftest import run_fusion_bench
 from test_heads import LabelTrap
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: extra threads only spin
-
-
-@pytest.fixture(scope="module")
-def cnn_suite(tmp_path_factory):
-    return build_tiny_cnn_suite(tmp_path_factory.mktemp("ada_cnn"))
 
 
 @pytest.fixture(scope="module")

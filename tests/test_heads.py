@@ -23,7 +23,7 @@ from fusion_bench_statsmerging.engine.batchnorm import (
 from fusion_bench_statsmerging.models.heads import HeadsBackbone, PerTaskHeadsModel
 from fusion_bench_statsmerging.modelpool.heads import HeadsSuiteError, PerTaskHeadsModelPool, load_head
 from fusion_bench_statsmerging.taskpool.heads import PerTaskHeadsTaskPool
-from fusion_bench_statsmerging.fixtures.heads import build_tiny_cnn_suite, build_tiny_text_suite
+from fusion_bench_statsmerging.fixtures.heads import build_tiny_text_suite
 from fusion_bench_statsmerging.method.samerging.heads_samerging import HeadsSAMergingAlgorithm
 from fusion_bench_statsmerging.method.statsmerging.heads_statsmerging import HeadsStatsMergingAlgorithm
 from fusion_bench_statsmerging.utils.errors import PoolError
@@ -33,11 +33,6 @@ from conftest import REPO_ROOT, run_fusion_bench
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: extra threads only spin
-
-
-@pytest.fixture(scope="module")
-def cnn_suite(tmp_path_factory) -> Path:
-    return build_tiny_cnn_suite(tmp_path_factory.mktemp("heads_cnn"))
 
 
 @pytest.fixture(scope="module")

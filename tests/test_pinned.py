@@ -69,13 +69,6 @@ def configured(cls, out: Path, **settings):
 
 # --------------------------------------------------------------------------- suites
 @pytest.fixture(scope="module")
-def cnn_suite(tmp_path_factory) -> Path:
-    from fusion_bench_statsmerging.fixtures.heads import build_tiny_cnn_suite
-
-    return build_tiny_cnn_suite(tmp_path_factory.mktemp("pinned_cnn"))
-
-
-@pytest.fixture(scope="module")
 def t5_root(tmp_path_factory) -> Path:
     from fusion_bench_statsmerging.fixtures.t5 import build_tiny_t5_pool
 
