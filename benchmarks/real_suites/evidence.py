@@ -228,6 +228,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.unpack:
         if args.seed is None:
             parser.error("--unpack needs --seed (the seed of the builds it holds)")
+        if not args.unpack.is_file():
+            parser.error(f"{args.unpack} does not exist: give the campaign.tgz a lease brought back")
         for d in unpack(args.unpack, args.seed, args.root):
             print(f"wrote {d}")
     summary = summarize(args.root, args.draws)

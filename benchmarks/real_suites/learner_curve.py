@@ -36,14 +36,20 @@ REUSE_NOT_RUN = {"status": "not run: the data-free reuse table needs GPU builds 
 def run(suite: Path, name: str, seed: int, out: Path, images: Sequence[int], rest: str,
         compare_args: Sequence[str], rows: Sequence[str] = ROWS) -> List[Path]:
     """One comparison per point of the curve; each writes its raw folder (never replaced) and the manifest."""
+    if not (suite / "manifest.json").is_file():
+        raise SystemExit(f"learner_curve.py: error: {suite} holds no manifest.json: give a suite a builder of "
+                         "benchmarks/real_suites/ wrote")
     written = []
     for n in images:
         dest = out / name / f"images{n}" / f"seed{seed}"
         if dest.exists():
             raise SystemExit(f"{dest} exists: a raw run is never replaced")
-        subprocess.run([sys.executable, "-m", "fusion_bench_statsmerging.compare", "--suite", str(suite),
-                        "--out", str(dest), "--methods", ",".join(rows), "--budget", f"images={n},{rest}",
-                        *compare_args], check=True)
+        code = subprocess.run([sys.executable, "-m", "fusion_bench_statsmerging.compare", "--suite", str(suite),
+                               "--out", str(dest), "--methods", ",".join(rows), "--budget", f"images={n},{rest}",
+                               *compare_args]).returncode
+        if code:
+            raise SystemExit(f"learner_curve.py: error: the comparison at {n} images per task ended with exit "
+                             f"{code} (its output above; its folder, if any: {dest})")
         shutil.copy2(suite / "manifest.json", dest / "manifest.json")
         shutil.rmtree(dest / "cache", ignore_errors=True)
         for path in dest.rglob("*"):  # keep the result files and reports only (as evidence.py does)
